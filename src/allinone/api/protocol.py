@@ -1,0 +1,163 @@
+"""Wire models, named after OpenAI's (``ChatCompletionRequest`` ...), plus the task endpoints'."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+class ContentPart(BaseModel):
+    """One part of a multi-part message; only text parts are supported."""
+
+    model_config = ConfigDict(extra="allow")
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(BaseModel):
+    """A chat message as OpenAI clients send it."""
+
+    model_config = ConfigDict(extra="allow")
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[ContentPart] | None = None
+
+    def text(self) -> str:
+        """The message as plain text (text parts joined); ValueError for non-text parts."""
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        parts = []
+        for part in self.content:
+            if part.type != "text" or part.text is None:
+                raise ValueError(f"content part of type {part.type!r} is not supported; send text")
+            parts.append(part.text)
+        return "".join(parts)
+
+
+class StreamOptions(BaseModel):
+    """OpenAI's stream options."""
+
+    include_usage: bool = False
+
+
+class ChatCompletionRequest(BaseModel):
+    """POST /v1/chat/completions. Unknown OpenAI fields are accepted and ignored."""
+
+    model_config = ConfigDict(extra="allow")
+    model: str = Field(min_length=1, description="The served model's id, or a task name")
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1, le=32768)
+    max_completion_tokens: int | None = Field(None, ge=1, le=32768)
+    temperature: float | None = Field(None, ge=0.0, le=2.0, description="Default: the task's (0)")
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int = Field(1, ge=1, le=1, description="Only one choice per request")
+    seed: int | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, v: str | list[str] | None) -> list[str] | None:
+        if v is None:
+            return None
+        stops = [v] if isinstance(v, str) else v
+        if len(stops) > 4 or any(not s for s in stops):
+            raise ValueError("stop takes up to 4 non-empty strings")
+        return stops
+
+
+class ChatCompletionMessage(BaseModel):
+    """The assistant's reply."""
+
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class Choice(BaseModel):
+    """One choice of a chat completion."""
+
+    index: int = 0
+    message: ChatCompletionMessage
+    finish_reason: str
+
+
+class UsageInfo(BaseModel):
+    """Token counts."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+def completion_id() -> str:
+    """A fresh chat-completion id."""
+    return f"chatcmpl-{uuid.uuid4().hex[:24]}"
+
+
+class ChatCompletionResponse(BaseModel):
+    """A non-streamed chat completion."""
+
+    id: str = Field(default_factory=completion_id)
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[Choice]
+    usage: UsageInfo
+
+
+class ModelCard(BaseModel):
+    """An entry of GET /v1/models: the loaded model or one task."""
+
+    id: str
+    object: Literal["model"] = "model"
+    created: int = 0
+    owned_by: str = "allinone"
+    kind: str = "model"
+    description: str = ""
+    labels: list[str] | None = None
+
+
+class ModelList(BaseModel):
+    """GET /v1/models."""
+
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ClassifyRequest(BaseModel):
+    """POST /v1/classify: one text or a list of texts for a classify task."""
+
+    model_config = ConfigDict(extra="forbid")
+    task: str = Field("sentiment", min_length=1, description="A classify task's name")
+    input: str | list[str] = Field(description="Text, or a list of texts classified in order")
+
+
+class ClassifyItem(BaseModel):
+    """One classified text."""
+
+    index: int
+    label: str
+    scores: dict[str, float]
+
+
+class ClassifyUsage(BaseModel):
+    """Tokens evaluated for a classify request (cached prefix tokens counted apart)."""
+
+    prompt_tokens: int
+    cached_tokens: int
+
+
+class ClassifyResponse(BaseModel):
+    """Labels and per-label probabilities, in input order."""
+
+    object: Literal["classification"] = "classification"
+    task: str
+    model: str
+    results: list[ClassifyItem]
+    usage: ClassifyUsage
+    latency_ms: float

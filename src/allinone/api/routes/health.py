@@ -1,0 +1,30 @@
+"""Liveness and readiness."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/health", summary="Liveness: the process is up and answering")
+async def health(request: Request) -> dict:
+    state = request.app.state.server
+    return {"status": "ok", "ready": state.ready.is_set()}
+
+
+@router.get("/ready", summary="Readiness: 503 until the model is loaded, then 200")
+async def ready(request: Request) -> dict:
+    state = request.app.state.server
+    service = state.require_service()
+    backend = service.backend
+    if not backend.health():
+        from allinone.errors import NotReadyError
+
+        raise NotReadyError("the engine is not running")
+    return {
+        "status": "ready",
+        "model": backend.model_id,
+        "load_seconds": state.load_seconds,
+        "engine": backend.stats(),
+    }

@@ -1,0 +1,188 @@
+"""OpenAI-compatible routes: /v1/models and /v1/chat/completions (plain and streamed).
+
+``model`` may be the served model's id (raw chat) or any task's name: a chat task applies its
+system prompt, history budget and reply caps; a classify task answers with one of its labels.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+
+from fastapi import APIRouter, Request
+from fastapi.responses import StreamingResponse
+
+from allinone.api.protocol import (
+    ChatCompletionMessage,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    Choice,
+    ModelCard,
+    ModelList,
+    UsageInfo,
+    completion_id,
+)
+from allinone.errors import InvalidRequestError, NotFoundError, envelope, to_api_error
+from allinone.service import TaskService
+from allinone.tasks import TaskError, TaskSpec
+
+log = logging.getLogger(__name__)
+router = APIRouter(tags=["openai"])
+
+
+@router.get("/v1/models", response_model=ModelList, summary="The loaded model and every task")
+async def list_models(request: Request) -> ModelList:
+    state = request.app.state.server
+    service = state.require_service()
+    cards = [ModelCard(id=service.backend.model_id, kind="model", description="the loaded model")]
+    cards += [
+        ModelCard(id=t.name, kind=f"task:{t.kind}", description=t.description,
+                  labels=t.labels or None)
+        for t in state.tasks
+    ]
+    return ModelList(data=cards)
+
+
+def _messages(body: ChatCompletionRequest) -> list[dict[str, str]]:
+    out = []
+    for i, m in enumerate(body.messages):
+        try:
+            text = m.text()
+        except ValueError as exc:
+            raise InvalidRequestError(str(exc), param=f"messages.{i}.content") from exc
+        out.append({"role": "system" if m.role == "developer" else m.role, "content": text})
+    return out
+
+
+def _resolve_task(service: TaskService, model: str) -> TaskSpec | None:
+    if model == service.backend.model_id:
+        return None
+    if model in service.tasks:
+        return service.tasks.get(model)
+    known = [service.backend.model_id, *(t.name for t in service.tasks)]
+    raise NotFoundError(f"model {model!r} not found; use one of: {', '.join(known)}",
+                        param="model", code="model_not_found")
+
+
+def _sse(data: dict) -> str:
+    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+@router.post("/v1/chat/completions", summary="OpenAI chat completions (stream with SSE)")
+async def chat_completions(body: ChatCompletionRequest, request: Request):
+    state = request.app.state.server
+    service: TaskService = state.require_service()
+    task = _resolve_task(service, body.model)
+    messages = _messages(body)
+    if task is not None and task.kind == "classify":
+        return await _classify_as_chat(service, task, messages, body)
+    try:
+        plan = service.plan_chat(
+            task,
+            messages,
+            max_tokens=body.max_completion_tokens or body.max_tokens,
+            temperature=body.temperature,
+            top_p=body.top_p,
+            stop=body.stop,
+            seed=body.seed,
+        )
+        handle = service.submit_chat(plan)
+    except TaskError as exc:
+        if exc.param is None:
+            exc.param = "messages"
+        raise to_api_error(exc) from exc
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return StreamingResponse(
+            _stream(handle, body.model, include_usage),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+    text: list[str] = []
+    try:
+        async for kind, value in handle.aevents():
+            if kind == "text":
+                text.append(value)
+            else:
+                finished = value
+    finally:
+        handle.cancel()  # the client went away mid-generation: free the sequence
+    return ChatCompletionResponse(
+        model=body.model,
+        choices=[Choice(message=ChatCompletionMessage(content="".join(text)),
+                        finish_reason=finished.reason)],
+        usage=UsageInfo(
+            prompt_tokens=finished.usage.prompt_tokens,
+            completion_tokens=finished.usage.completion_tokens,
+            total_tokens=finished.usage.prompt_tokens + finished.usage.completion_tokens,
+        ),
+    )
+
+
+async def _stream(handle, model: str, include_usage: bool) -> AsyncIterator[str]:
+    cid, created = completion_id(), int(time.time())
+
+    def chunk(delta: dict, finish: str | None = None) -> dict:
+        return {
+            "id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+        }
+
+    try:
+        yield _sse(chunk({"role": "assistant", "content": ""}))
+        async for kind, value in handle.aevents():
+            if kind == "text":
+                yield _sse(chunk({"content": value}))
+                continue
+            yield _sse(chunk({}, value.reason))
+            if include_usage:
+                u = value.usage
+                yield _sse({
+                    "id": cid, "object": "chat.completion.chunk", "created": created,
+                    "model": model, "choices": [],
+                    "usage": {"prompt_tokens": u.prompt_tokens,
+                              "completion_tokens": u.completion_tokens,
+                              "total_tokens": u.prompt_tokens + u.completion_tokens},
+                })
+        yield "data: [DONE]\n\n"
+    except Exception as exc:  # a failure mid-stream ends it with one error event
+        err = to_api_error(exc)
+        yield _sse(envelope(err.message, err.type, err.code, err.param))
+    finally:
+        handle.cancel()
+
+
+async def _classify_as_chat(
+    service: TaskService, task: TaskSpec, messages: list[dict[str, str]],
+    body: ChatCompletionRequest,
+):
+    """A classify task through the chat API: the last user message is classified and the
+    reply is exactly one label."""
+    if messages[-1]["role"] != "user":
+        raise InvalidRequestError("the last message must come from the user", param="messages")
+    try:
+        (result,) = await service.classify_async(task.name, [messages[-1]["content"]])
+    except TaskError as exc:
+        raise to_api_error(exc) from exc
+    usage = UsageInfo(prompt_tokens=result.prompt_tokens, completion_tokens=1,
+                      total_tokens=result.prompt_tokens + 1)
+    if body.stream:
+        cid, created = completion_id(), int(time.time())
+
+        async def one() -> AsyncIterator[str]:
+            base = {"id": cid, "object": "chat.completion.chunk", "created": created,
+                    "model": body.model}
+            yield _sse({**base, "choices": [{"index": 0, "finish_reason": None, "delta": {
+                "role": "assistant", "content": result.label}}]})
+            yield _sse({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(one(), media_type="text/event-stream")
+    return ChatCompletionResponse(
+        model=body.model,
+        choices=[Choice(message=ChatCompletionMessage(content=result.label),
+                        finish_reason="stop")],
+        usage=usage,
+    )

@@ -1,0 +1,75 @@
+"""Task endpoints: classification over any classify task, and the task list."""
+
+from __future__ import annotations
+
+import time
+
+from fastapi import APIRouter, Request
+
+from allinone.api.protocol import (
+    ClassifyItem,
+    ClassifyRequest,
+    ClassifyResponse,
+    ClassifyUsage,
+)
+from allinone.errors import InvalidRequestError, to_api_error
+from allinone.tasks import TaskError
+
+router = APIRouter(tags=["tasks"])
+
+
+@router.post(
+    "/v1/classify",
+    response_model=ClassifyResponse,
+    summary="Classify one text or a list of texts with a classify task; labels are constrained",
+)
+async def classify(body: ClassifyRequest, request: Request) -> ClassifyResponse:
+    state = request.app.state.server
+    service = state.require_service()
+    texts = [body.input] if isinstance(body.input, str) else body.input
+    if not texts:
+        raise InvalidRequestError("input is an empty list: send at least one text", param="input")
+    limit = state.settings.server.max_batch_inputs
+    if len(texts) > limit:
+        raise InvalidRequestError(
+            f"input has {len(texts)} texts; at most {limit} per request (ALLINONE_MAX_BATCH_INPUTS)",
+            param="input",
+        )
+    t0 = time.perf_counter()
+    try:
+        results = await service.classify_async(body.task, texts)
+    except TaskError as exc:
+        if exc.param is None:
+            exc.param = "input"
+        raise to_api_error(exc) from exc
+    return ClassifyResponse(
+        task=body.task,
+        model=service.backend.model_id,
+        results=[
+            ClassifyItem(index=i, label=r.label, scores=r.scores) for i, r in enumerate(results)
+        ],
+        usage=ClassifyUsage(
+            prompt_tokens=sum(r.prompt_tokens for r in results),
+            cached_tokens=sum(r.cached_tokens for r in results),
+        ),
+        latency_ms=round((time.perf_counter() - t0) * 1000, 2),
+    )
+
+
+@router.get("/v1/tasks", summary="Every task this server runs, with its kind and labels")
+async def list_tasks(request: Request) -> dict:
+    state = request.app.state.server
+    return {
+        "object": "list",
+        "data": [
+            {
+                "name": t.name,
+                "kind": t.kind,
+                "description": t.description,
+                "labels": t.labels or None,
+                "max_input_chars": t.input.max_chars,
+                "max_output_chars": t.output.max_chars,
+            }
+            for t in state.tasks
+        ],
+    }

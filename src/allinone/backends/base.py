@@ -1,0 +1,209 @@
+"""The backend interface: what the task layer and the API need from any engine.
+
+A backend is cheap to construct; ``load()`` does the heavy work. Work is submitted as a request
+and answered through a ``RequestHandle``: a thread-safe channel that sync code (the CLI) reads by
+iterating and async code (the server) reads with ``async for`` or ``await handle.result_async()``,
+so no caller ever blocks the engine or the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+
+class BackendError(RuntimeError):
+    """The engine failed to run a request (not the caller's fault)."""
+
+
+class EngineOverloadedError(BackendError):
+    """The wait queue is full: the caller should retry later."""
+
+
+class PromptTooLongError(ValueError):
+    """A prompt does not fit the context a sequence may use."""
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A piece of prompt text; ``special`` pieces are template markup whose control tokens are
+    parsed, user content never is (so a user cannot inject ``<|im_end|>``)."""
+
+    text: str
+    special: bool = False
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """A prompt split into a cacheable prefix (shared by every request of a task) and a body."""
+
+    prefix: tuple[Segment, ...]
+    body: tuple[Segment, ...]
+
+
+@dataclass
+class GenerationParams:
+    """Per-request sampling and stopping."""
+
+    max_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    stop: list[str] = field(default_factory=list)
+    max_chars: int | None = None
+    seed: int | None = None
+
+
+@dataclass
+class Usage:
+    """Token counts of one finished request."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+
+
+@dataclass
+class Finished:
+    """Final event of a request: why it stopped, its usage, and (scoring) its result."""
+
+    reason: Literal["stop", "length", "cancelled"]
+    usage: Usage
+    result: Any = None
+
+
+class RequestHandle:
+    """Channel from the engine thread to one caller: text deltas, then one Finished or an error."""
+
+    def __init__(self) -> None:
+        self._q: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._wakeup: asyncio.Event | None = None
+        self._lock = threading.Lock()
+        self.cancelled = threading.Event()
+        try:
+            self._loop = asyncio.get_running_loop()
+            self._wakeup = asyncio.Event()
+        except RuntimeError:
+            pass
+
+    # -- engine side -------------------------------------------------------------------------
+    def _put(self, kind: str, value: Any) -> None:
+        self._q.put((kind, value))
+        if self._loop is not None and self._wakeup is not None:
+            try:
+                self._loop.call_soon_threadsafe(self._wakeup.set)
+            except RuntimeError:  # the caller's loop is gone; nobody is listening
+                self.cancelled.set()
+
+    def emit_text(self, text: str) -> None:
+        """Engine: a new piece of generated text."""
+        self._put("text", text)
+
+    def finish(self, finished: Finished) -> None:
+        """Engine: the request is done."""
+        self._put("done", finished)
+
+    def fail(self, exc: BaseException) -> None:
+        """Engine: the request failed."""
+        self._put("error", exc)
+
+    # -- caller side -------------------------------------------------------------------------
+    def cancel(self) -> None:
+        """Caller: stop this request; the engine frees its sequence at the next step."""
+        self.cancelled.set()
+
+    def events(self, timeout: float | None = None) -> Iterator[tuple[str, Any]]:
+        """Blocking iteration over ("text", str) and a final ("done", Finished)."""
+        while True:
+            kind, value = self._q.get(timeout=timeout)
+            if kind == "error":
+                raise value
+            yield kind, value
+            if kind == "done":
+                return
+
+    async def aevents(self) -> AsyncIterator[tuple[str, Any]]:
+        """Async iteration over the same events, for handles created inside an event loop."""
+        if self._wakeup is None:
+            raise RuntimeError("handle was not created inside a running event loop")
+        while True:
+            try:
+                kind, value = self._q.get_nowait()
+            except queue.Empty:
+                self._wakeup.clear()
+                if self._q.empty():
+                    await self._wakeup.wait()
+                continue
+            if kind == "error":
+                raise value
+            yield kind, value
+            if kind == "done":
+                return
+
+    def result(self, timeout: float | None = None) -> Finished:
+        """Block until the request finishes (text events are skipped)."""
+        for kind, value in self.events(timeout):
+            if kind == "done":
+                return value
+        raise BackendError("request ended without a result")  # pragma: no cover
+
+    async def result_async(self) -> Finished:
+        """Await the request's Finished event."""
+        async for kind, value in self.aevents():
+            if kind == "done":
+                return value
+        raise BackendError("request ended without a result")  # pragma: no cover
+
+
+class Backend(ABC):
+    """An engine that runs one loaded model for many concurrent requests."""
+
+    name: ClassVar[str] = "base"
+    supports_streaming: ClassVar[bool] = True
+    supports_choice_scoring: ClassVar[bool] = True
+
+    @abstractmethod
+    def load(self) -> None:
+        """Load the model and start serving; blocks until ready or raises."""
+
+    @abstractmethod
+    def health(self) -> bool:
+        """True while the backend can serve requests."""
+
+    @property
+    @abstractmethod
+    def model_id(self) -> str:
+        """The id the API reports for the loaded model."""
+
+    @abstractmethod
+    def count_tokens(self, text: str) -> int:
+        """Tokens ``text`` takes (used to bound chat history)."""
+
+    @abstractmethod
+    def render_chat(self, messages: list[dict[str, str]], n_prefix_messages: int) -> Prompt:
+        """Render messages with the model's chat template, ready for an assistant reply.
+
+        The first ``n_prefix_messages`` messages (e.g. the system prompt and few-shot turns) form
+        the cacheable prefix."""
+
+    @abstractmethod
+    def score_choices(self, prompt: Prompt, choices: list[str]) -> RequestHandle:
+        """Submit a scoring request; its Finished.result is one log-probability per choice (the
+        sum over the choice's tokens of log p(token | prompt, earlier tokens))."""
+
+    @abstractmethod
+    def generate(self, prompt: Prompt, params: GenerationParams) -> RequestHandle:
+        """Submit a generation request; its handle streams text deltas, then Finished."""
+
+    def stats(self) -> dict[str, Any]:
+        """Engine counters for metrics and health (queue depth, active sequences, ...)."""
+        return {}
+
+    @abstractmethod
+    def close(self) -> None:
+        """Stop the engine and free the model."""

@@ -1,0 +1,222 @@
+"""The llama.cpp backend: a GGUF model, its chat template, and the continuous-batching loop."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any, ClassVar
+
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from allinone.backends.base import (
+    Backend,
+    BackendError,
+    GenerationParams,
+    Prompt,
+    PromptTooLongError,
+    RequestHandle,
+    Segment,
+)
+from allinone.backends.llama_runtime import ContextShape, LlamaRuntime
+from allinone.backends.scheduler import Request, Scheduler
+from allinone.settings import EngineSettings
+
+log = logging.getLogger(__name__)
+
+# Used when a GGUF carries no chat template: ChatML, which Qwen and many small models use.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + "
+    "message['content'] + '<|im_end|>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+# Private-use characters mark where message contents go in the rendered template, so the
+# template markup can be tokenized with control tokens and the contents without.
+_MARK = "\ue000{}\ue001"
+# Label branches need KV cells beyond the per-sequence share; labels are a few tokens each.
+_SCRATCH_CELLS_PER_SLOT = 256
+
+
+def _raise(message: str) -> None:
+    raise BackendError(f"chat template error: {message}")
+
+
+class LlamaCppBackend(Backend):
+    """Runs a GGUF model with llama.cpp: one context, many sequences, one engine thread."""
+
+    name: ClassVar[str] = "llama_cpp"
+    supports_streaming: ClassVar[bool] = True
+    supports_choice_scoring: ClassVar[bool] = True
+
+    def __init__(self, model_path: Path, engine: EngineSettings, model_id: str) -> None:
+        self.model_path = Path(model_path)
+        self.settings = engine
+        self._model_id = model_id
+        self.rt: LlamaRuntime | None = None
+        self.scheduler: Scheduler | None = None
+        self.load_seconds: float | None = None
+        self._template = None
+        self._bos = ("", False)
+        self._prefix_tokens: OrderedDict[tuple, list[int]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    @property
+    def model_id(self) -> str:
+        return self._model_id
+
+    def load(self) -> None:
+        s = self.settings
+        t0 = time.perf_counter()
+        n_ctx = (
+            s.parallel * s.ctx_per_seq
+            + s.prefix_cache_tokens
+            + s.parallel * _SCRATCH_CELLS_PER_SLOT
+        )
+        shape = ContextShape(
+            n_ctx=n_ctx,
+            n_seq_max=Scheduler.n_seq_max(s.parallel, s.prefix_cache_size, s.max_choices),
+            n_batch=s.n_batch,
+            threads=s.threads,
+        )
+        self.rt = LlamaRuntime(self.model_path, shape)
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.globals["raise_exception"] = _raise
+        env.globals["strftime_now"] = lambda fmt: time.strftime(fmt)
+        self._template = env.from_string(self.rt.chat_template() or CHATML_TEMPLATE)
+        self._bos = self.rt.bos_token()
+        self.scheduler = Scheduler(
+            self.rt,
+            parallel=s.parallel,
+            ctx_per_seq=s.ctx_per_seq,
+            prefix_cache_size=s.prefix_cache_size,
+            prefix_cache_tokens=s.prefix_cache_tokens,
+            max_choices=s.max_choices,
+            max_queue=s.max_queue,
+            seed=s.seed,
+        )
+        self.scheduler.start()
+        self.load_seconds = time.perf_counter() - t0
+        log.info("loaded %s in %.2f s (n_ctx=%d, parallel=%d, threads=%d)",
+                 self.model_path.name, self.load_seconds, n_ctx, s.parallel, s.threads)
+
+    def health(self) -> bool:
+        return self.scheduler is not None and self.scheduler.alive
+
+    def _runtime(self) -> LlamaRuntime:
+        if self.rt is None or self.scheduler is None or not self.scheduler.alive:
+            raise BackendError("the model is not loaded")
+        return self.rt
+
+    def count_tokens(self, text: str) -> int:
+        return len(self._runtime().tokenize(text, special=False))
+
+    def render_chat(self, messages: list[dict[str, str]], n_prefix_messages: int) -> Prompt:
+        self._runtime()
+        marked = [
+            {"role": m["role"], "content": _MARK.format(i)} for i, m in enumerate(messages)
+        ]
+        bos_text, add_bos = self._bos
+        rendered = self._template.render(
+            messages=marked, add_generation_prompt=True, bos_token=bos_text, eos_token=""
+        )
+        if add_bos and bos_text and not rendered.startswith(bos_text):
+            rendered = bos_text + rendered
+        segments: list[Segment] = []
+        rest = rendered
+        for i, m in enumerate(messages):
+            mark = _MARK.format(i)
+            head, sep, rest = rest.partition(mark)
+            if not sep:
+                raise BackendError(
+                    f"the model's chat template dropped message {i} (role {m['role']!r}); "
+                    "this model may not support that role"
+                )
+            segments.append(Segment(head, special=True))
+            segments.append(Segment(m["content"], special=False))
+        segments.append(Segment(rest, special=True))
+        # The prefix ends with the markup that opens the first message after it.
+        cut = 2 * n_prefix_messages + 1 if n_prefix_messages else 0
+        return Prompt(prefix=tuple(segments[:cut]), body=tuple(segments[cut:]))
+
+    def _tokens(self, segments: tuple[Segment, ...]) -> list[int]:
+        rt = self._runtime()
+        out: list[int] = []
+        for seg in segments:
+            out.extend(rt.tokenize(seg.text, special=seg.special))
+        return out
+
+    def _prefix(self, prompt: Prompt) -> list[int]:
+        # Tokenizing a long system prompt on every request is wasted work; keep a few.
+        with self._lock:
+            cached = self._prefix_tokens.get(prompt.prefix)
+            if cached is not None:
+                self._prefix_tokens.move_to_end(prompt.prefix)
+                return cached
+        toks = self._tokens(prompt.prefix)
+        with self._lock:
+            self._prefix_tokens[prompt.prefix] = toks
+            while len(self._prefix_tokens) > max(8, 2 * self.settings.prefix_cache_size):
+                self._prefix_tokens.popitem(last=False)
+        return toks
+
+    def _check_fits(self, n_prompt: int, n_new: int) -> None:
+        limit = self.settings.ctx_per_seq
+        if n_prompt + n_new > limit:
+            raise PromptTooLongError(
+                f"the prompt takes {n_prompt} tokens and the reply needs up to {n_new} more, "
+                f"but a sequence holds {limit} tokens (ALLINONE_CTX_PER_SEQ); shorten the input "
+                "or the history"
+            )
+
+    def score_choices(self, prompt: Prompt, choices: list[str]) -> RequestHandle:
+        rt = self._runtime()
+        if not 2 <= len(choices) <= self.settings.max_choices:
+            raise ValueError(f"between 2 and {self.settings.max_choices} choices are needed")
+        choice_tokens = [rt.tokenize(c, special=False) for c in choices]
+        if any(not c for c in choice_tokens):
+            raise ValueError("a choice is empty after tokenization")
+        prefix = self._prefix(prompt)
+        body = self._tokens(prompt.body)
+        self._check_fits(len(prefix) + len(body), max(len(c) for c in choice_tokens))
+        req = Request(
+            kind="score",
+            handle=RequestHandle(),
+            prefix_key=prompt.prefix,
+            prefix_tokens=prefix,
+            tokens=body,
+            choices=choice_tokens,
+        )
+        return self.scheduler.submit(req)
+
+    def generate(self, prompt: Prompt, params: GenerationParams) -> RequestHandle:
+        self._runtime()
+        prefix = self._prefix(prompt)
+        body = self._tokens(prompt.body)
+        n_prompt = len(prefix) + len(body)
+        self._check_fits(n_prompt, 1)
+        # Cap the reply to the room left rather than failing a long conversation outright.
+        room = self.settings.ctx_per_seq - n_prompt
+        if params.max_tokens > room:
+            params.max_tokens = room
+        req = Request(
+            kind="generate",
+            handle=RequestHandle(),
+            prefix_key=prompt.prefix,
+            prefix_tokens=prefix,
+            tokens=body,
+            params=params,
+        )
+        return self.scheduler.submit(req)
+
+    def stats(self) -> dict[str, Any]:
+        return self.scheduler.stats() if self.scheduler else {}
+
+    def close(self) -> None:
+        if self.scheduler is not None:
+            self.scheduler.stop()
+            self.scheduler = None
+        if self.rt is not None:
+            self.rt.close()
+            self.rt = None

@@ -1,0 +1,188 @@
+"""A thin, typed wrapper over llama.cpp's C API (via llama-cpp-python's ctypes bindings).
+
+Only the engine thread calls the context methods (decode, logits, sequence ops); tokenizing and
+detokenizing touch the read-only vocabulary and are safe from any thread.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+class LlamaRuntimeError(RuntimeError):
+    """llama.cpp refused to load a model or create a context."""
+
+
+@dataclass(frozen=True)
+class ContextShape:
+    """How the context is sized: total KV cells, sequences, step size, threads."""
+
+    n_ctx: int
+    n_seq_max: int
+    n_batch: int
+    threads: int
+
+
+_native_log = logging.getLogger("allinone.llama_cpp.native")
+_log_callback = None  # a reference must outlive every call from C
+
+
+def _llama():
+    global _log_callback
+    import llama_cpp
+
+    if _log_callback is None:
+        # llama.cpp prints every tensor and vocabulary quirk at load; route its messages to
+        # Python logging (DEBUG, ERROR for its errors) instead of stderr.
+        @llama_cpp.llama_log_callback
+        def forward(level: int, text: bytes, _user: ctypes.c_void_p) -> None:
+            _native_log.log(logging.ERROR if level == 3 else logging.DEBUG,
+                            "%s", text.decode("utf-8", "replace").rstrip())
+
+        _log_callback = forward
+        llama_cpp.llama_log_set(_log_callback, ctypes.c_void_p(0))
+    return llama_cpp
+
+
+class LlamaRuntime:
+    """One loaded model and one context with a unified KV cache shared by many sequences."""
+
+    def __init__(self, path: Path, shape: ContextShape) -> None:
+        self.lib = lib = _llama()
+        lib.llama_backend_init()
+        mparams = lib.llama_model_default_params()
+        self.model = lib.llama_model_load_from_file(str(path).encode(), mparams)
+        if not self.model:
+            raise LlamaRuntimeError(f"llama.cpp could not load {path} (not a supported GGUF?)")
+        self.vocab = lib.llama_model_get_vocab(self.model)
+        self.n_vocab = lib.llama_vocab_n_tokens(self.vocab)
+        self.n_ctx_train = lib.llama_model_n_ctx_train(self.model)
+        cparams = lib.llama_context_default_params()
+        cparams.n_ctx = shape.n_ctx
+        cparams.n_batch = shape.n_batch
+        cparams.n_ubatch = shape.n_batch
+        cparams.n_seq_max = shape.n_seq_max
+        cparams.n_threads = shape.threads
+        cparams.n_threads_batch = shape.threads
+        # One KV buffer for all sequences: copying a task prefix into a request's sequence then
+        # only tags the prefix cells with one more sequence id instead of duplicating them.
+        cparams.kv_unified = True
+        cparams.no_perf = True
+        self.ctx = lib.llama_init_from_model(self.model, cparams)
+        if not self.ctx:
+            lib.llama_model_free(self.model)
+            raise LlamaRuntimeError(
+                f"llama.cpp could not create a context of {shape.n_ctx} tokens for "
+                f"{shape.n_seq_max} sequences: lower ALLINONE_CTX_PER_SEQ or ALLINONE_PARALLEL"
+            )
+        self.mem = lib.llama_get_memory(self.ctx)
+        self.shape = shape
+        self.n_ctx = lib.llama_n_ctx(self.ctx)
+        self._batch = lib.llama_batch_init(shape.n_batch, 0, 1)
+        self._n = 0
+        self._piece_buf = ctypes.create_string_buffer(256)
+
+    # -- vocabulary (any thread) -------------------------------------------------------------
+    def tokenize(self, text: str, special: bool) -> list[int]:
+        """Token ids of ``text``; ``special`` parses control tokens such as ``<|im_start|>``."""
+        if not text:
+            return []
+        data = text.encode("utf-8")
+        buf = (self.lib.llama_token * (len(data) + 16))()
+        n = self.lib.llama_tokenize(self.vocab, data, len(data), buf, len(buf), False, special)
+        if n < 0:  # pragma: no cover - buffer is always large enough (<= 1 token per byte + BOS)
+            buf = (self.lib.llama_token * -n)()
+            n = self.lib.llama_tokenize(self.vocab, data, len(data), buf, len(buf), False, special)
+        return list(buf[:n])
+
+    def piece(self, token: int) -> bytes:
+        """The bytes of one token (control tokens render as nothing)."""
+        n = self.lib.llama_token_to_piece(self.vocab, token, self._piece_buf, 256, 0, False)
+        if n < 0:  # pragma: no cover - no token is longer than 256 bytes in practice
+            buf = ctypes.create_string_buffer(-n)
+            n = self.lib.llama_token_to_piece(self.vocab, token, buf, -n, 0, False)
+            return buf.raw[:n]
+        return self._piece_buf.raw[:n]
+
+    def is_eog(self, token: int) -> bool:
+        """True for end-of-generation tokens (EOS, ``<|im_end|>``, ...)."""
+        return bool(self.lib.llama_vocab_is_eog(self.vocab, token))
+
+    def bos_token(self) -> tuple[str, bool]:
+        """The BOS token's text and whether the model wants it prepended."""
+        tok = self.lib.llama_vocab_bos(self.vocab)
+        add = bool(self.lib.llama_vocab_get_add_bos(self.vocab))
+        if tok < 0:
+            return "", False
+        n = self.lib.llama_token_to_piece(self.vocab, tok, self._piece_buf, 256, 0, True)
+        return self._piece_buf.raw[: max(n, 0)].decode("utf-8", "replace"), add
+
+    def chat_template(self) -> str | None:
+        """The chat template stored in the GGUF, if any."""
+        raw = self.lib.llama_model_chat_template(self.model, None)
+        return raw.decode("utf-8") if raw else None
+
+    def model_bytes(self) -> int:
+        """Bytes of all tensors of the model."""
+        return int(self.lib.llama_model_size(self.model))
+
+    # -- context (engine thread only) --------------------------------------------------------
+    def batch_clear(self) -> None:
+        """Start a new batch."""
+        self._n = 0
+
+    @property
+    def batch_size(self) -> int:
+        """Tokens in the current batch."""
+        return self._n
+
+    def batch_add(self, token: int, pos: int, seq: int, logits: bool) -> int:
+        """Append one token of sequence ``seq`` at position ``pos``; returns its batch index."""
+        b, i = self._batch, self._n
+        b.token[i] = token
+        b.pos[i] = pos
+        b.n_seq_id[i] = 1
+        b.seq_id[i][0] = seq
+        b.logits[i] = 1 if logits else 0
+        self._n = i + 1
+        return i
+
+    def decode(self) -> int:
+        """Evaluate the current batch; llama.cpp's return code (0 = success)."""
+        self._batch.n_tokens = self._n
+        return int(self.lib.llama_decode(self.ctx, self._batch))
+
+    def logits(self, batch_index: int) -> np.ndarray:
+        """Logits of the token at ``batch_index`` of the last decode (a view, valid until the
+        next decode)."""
+        ptr = self.lib.llama_get_logits_ith(self.ctx, batch_index)
+        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
+
+    def seq_rm(self, seq: int) -> None:
+        """Forget every cell of sequence ``seq`` (cells shared with other sequences stay)."""
+        self.lib.llama_memory_seq_rm(self.mem, seq, -1, -1)
+
+    def seq_cp(self, src: int, dst: int) -> None:
+        """Make ``dst`` share all of ``src``'s cells (no copy in a unified KV cache)."""
+        self.lib.llama_memory_seq_cp(self.mem, src, dst, -1, -1)
+
+    def seq_pos_max(self, seq: int) -> int:
+        """Largest position stored for ``seq`` (-1 when empty)."""
+        return int(self.lib.llama_memory_seq_pos_max(self.mem, seq))
+
+    def close(self) -> None:
+        """Free the batch, the context and the model."""
+        if getattr(self, "ctx", None):
+            self.lib.llama_batch_free(self._batch)
+            self.lib.llama_free(self.ctx)
+            self.ctx = None
+        if getattr(self, "model", None):
+            self.lib.llama_model_free(self.model)
+            self.model = None

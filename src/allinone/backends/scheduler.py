@@ -1,0 +1,459 @@
+"""The engine loop: one thread owns the llama.cpp context and runs every request in shared steps.
+
+Each step is one ``llama_decode`` over all active sequences: one token for each generating
+sequence, the branch tokens of multi-token labels, and prompt chunks of newly admitted requests.
+Requests join and leave between steps (continuous batching).
+
+Sequence ids are split into three pools: request slots (``parallel``), cached task prefixes, and
+scratch branches for scoring labels that take more than one token. A task's constant prefix is
+evaluated once into a prefix sequence and shared with each request by ``seq_cp``, so a request
+pays only for its own tokens.
+
+A request's life: queued -> prefill -> (generate | branch) -> finished or cancelled; its sequence
+is freed at the step it ends.
+"""
+
+from __future__ import annotations
+
+import codecs
+import enum
+import logging
+import queue
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from allinone.backends.base import (
+    BackendError,
+    EngineOverloadedError,
+    Finished,
+    GenerationParams,
+    RequestHandle,
+    Usage,
+)
+from allinone.backends.llama_runtime import LlamaRuntime
+
+log = logging.getLogger(__name__)
+
+# Sampling with temperature looks at the most likely tokens only; the tail beyond them carries
+# negligible mass and sorting all 150k logits every step would cost milliseconds.
+_TOP_CANDIDATES = 1000
+
+
+class State(enum.Enum):
+    """Where a request is in its life."""
+
+    QUEUED = "queued"
+    PREFILL = "prefill"
+    GENERATE = "generate"
+    BRANCH = "branch"
+    DONE = "done"
+
+
+@dataclass(eq=False)
+class Request:
+    """One unit of work for the loop (internal to the engine)."""
+
+    kind: str  # "score" | "generate"
+    handle: RequestHandle
+    prefix_key: tuple
+    prefix_tokens: list[int]
+    tokens: list[int]
+    choices: list[list[int]] = field(default_factory=list)
+    params: GenerationParams = field(default_factory=GenerationParams)
+    state: State = State.QUEUED
+    slot: int = -1
+    n_past: int = 0
+    n_fed: int = 0
+    cached_tokens: int = 0
+    batch_index: int = -1
+    # generation
+    last_token: int = -1
+    n_generated: int = 0
+    text: str = ""
+    n_emitted: int = 0
+    decoder: codecs.IncrementalDecoder | None = None
+    rng: np.random.Generator | None = None
+    # scoring
+    choice_lp: list[float] = field(default_factory=list)
+    branches: list[tuple[int, int, list[int]]] = field(default_factory=list)
+    submitted_at: float = field(default_factory=time.monotonic)
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """Numerically stable log-softmax in float64."""
+    x = logits.astype(np.float64)
+    x -= x.max()
+    return x - np.log(np.exp(x).sum())
+
+
+def sample_token(logits: np.ndarray, params: GenerationParams, rng: np.random.Generator) -> int:
+    """Greedy at temperature 0; otherwise temperature + top-p over the top candidates."""
+    if params.temperature <= 0.0:
+        return int(np.argmax(logits))
+    k = min(_TOP_CANDIDATES, logits.shape[0])
+    top = np.argpartition(logits, -k)[-k:]
+    vals = logits[top].astype(np.float64) / params.temperature
+    order = np.argsort(-vals)
+    top, vals = top[order], vals[order]
+    probs = np.exp(vals - vals[0])
+    probs /= probs.sum()
+    if params.top_p < 1.0:
+        keep = int(np.searchsorted(np.cumsum(probs), params.top_p) + 1)
+        top, probs = top[:keep], probs[:keep] / probs[:keep].sum()
+    return int(top[rng.choice(len(top), p=probs)])
+
+
+class Scheduler:
+    """The step loop. ``submit`` is thread-safe; everything else runs on the loop's thread."""
+
+    def __init__(
+        self,
+        rt: LlamaRuntime,
+        parallel: int,
+        ctx_per_seq: int,
+        prefix_cache_size: int,
+        prefix_cache_tokens: int,
+        max_choices: int,
+        max_queue: int,
+        seed: int = 0,
+    ) -> None:
+        self.rt = rt
+        self.parallel = parallel
+        self.ctx_per_seq = ctx_per_seq
+        self.max_choices = max_choices
+        self.prefix_cache_tokens = prefix_cache_tokens
+        self.seed = seed
+        self._queue: queue.Queue[Request] = queue.Queue(maxsize=max_queue)
+        self._free_slots = list(range(parallel))
+        first_prefix = parallel
+        self._free_prefix_seqs = list(range(first_prefix, first_prefix + prefix_cache_size))
+        first_scratch = first_prefix + prefix_cache_size
+        self._free_scratch = list(range(first_scratch, first_scratch + parallel * max_choices))
+        # prefix key -> (sequence id, token count); least recently used first
+        self._prefixes: OrderedDict[tuple, tuple[int, int]] = OrderedDict()
+        self._prefix_tokens_used = 0
+        self._active: list[Request] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="allinone-engine", daemon=True)
+        self.alive = False
+        self.counters = {
+            "steps": 0,
+            "prompt_tokens": 0,
+            "generated_tokens": 0,
+            "prefix_hits": 0,
+            "prefix_misses": 0,
+            "finished": 0,
+            "cancelled": 0,
+            "failed": 0,
+        }
+
+    @staticmethod
+    def n_seq_max(parallel: int, prefix_cache_size: int, max_choices: int) -> int:
+        """Sequence ids the context must allow for these pool sizes."""
+        return parallel + prefix_cache_size + parallel * max_choices
+
+    # -- caller side -------------------------------------------------------------------------
+    def start(self) -> None:
+        """Start the loop thread."""
+        self.alive = True
+        self._thread.start()
+
+    def submit(self, req: Request) -> RequestHandle:
+        """Queue a request; EngineOverloadedError when the wait queue is full."""
+        if not self.alive:
+            raise BackendError("the engine is not running")
+        try:
+            self._queue.put_nowait(req)
+        except queue.Full:
+            raise EngineOverloadedError(
+                f"the engine's wait queue is full ({self._queue.maxsize} requests); retry later"
+            ) from None
+        return req.handle
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop the loop; requests still queued or running fail."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+        self.alive = False
+
+    def stats(self) -> dict[str, int]:
+        """Queue depth, active sequences and cumulative counters."""
+        return {
+            "queue_depth": self._queue.qsize(),
+            "active": len(self._active),
+            "cached_prefixes": len(self._prefixes),
+            **self.counters,
+        }
+
+    # -- loop --------------------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                self._admit()
+                if not self._active:
+                    try:
+                        req = self._queue.get(timeout=0.05)
+                    except queue.Empty:
+                        continue
+                    self._start_request(req)
+                    continue
+                self._step()
+        except Exception as exc:  # the loop must never die silently
+            log.exception("engine loop crashed")
+            self._fail_all(BackendError(f"engine loop crashed: {exc}"))
+            self.alive = False
+            return
+        self._fail_all(BackendError("the engine stopped"))
+        self.alive = False
+
+    def _fail_all(self, exc: BaseException) -> None:
+        for req in list(self._active):
+            self._end(req, error=exc)
+        while True:
+            try:
+                self._queue.get_nowait().handle.fail(exc)
+            except queue.Empty:
+                break
+
+    def _admit(self) -> None:
+        while self._free_slots:
+            try:
+                req = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            self._start_request(req)
+
+    def _start_request(self, req: Request) -> None:
+        if req.handle.cancelled.is_set():
+            self.counters["cancelled"] += 1
+            req.handle.finish(Finished("cancelled", Usage()))
+            return
+        req.slot = self._free_slots.pop()
+        prefix_seq, n_prefix = self._prefix_for(req)
+        if prefix_seq >= 0:
+            self.rt.seq_cp(prefix_seq, req.slot)
+            req.n_past = n_prefix
+            req.cached_tokens = n_prefix
+        else:  # not cacheable: evaluate the prefix as part of the request
+            req.tokens = req.prefix_tokens + req.tokens
+            req.n_past = 0
+        if req.kind == "generate":
+            req.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+            seed = req.params.seed if req.params.seed is not None else self.seed
+            req.rng = np.random.default_rng(seed)
+        req.state = State.PREFILL
+        self._active.append(req)
+
+    def _prefix_for(self, req: Request) -> tuple[int, int]:
+        """The sequence holding this request's prefix, evaluating it on a miss; (-1, 0) if the
+        prefix is empty or cannot be cached."""
+        n = len(req.prefix_tokens)
+        if n == 0:
+            return -1, 0
+        hit = self._prefixes.get(req.prefix_key)
+        if hit is not None:
+            self._prefixes.move_to_end(req.prefix_key)
+            self.counters["prefix_hits"] += 1
+            return hit
+        self.counters["prefix_misses"] += 1
+        if n > self.prefix_cache_tokens or (not self._prefixes and not self._free_prefix_seqs):
+            return -1, 0
+        while self._prefixes and (
+            not self._free_prefix_seqs or self._prefix_tokens_used + n > self.prefix_cache_tokens
+        ):
+            _, (old_seq, old_n) = self._prefixes.popitem(last=False)
+            self.rt.seq_rm(old_seq)  # requests that copied it keep their cells
+            self._free_prefix_seqs.append(old_seq)
+            self._prefix_tokens_used -= old_n
+        seq = self._free_prefix_seqs.pop()
+        if not self._eval_tokens(seq, req.prefix_tokens):
+            self.rt.seq_rm(seq)
+            self._free_prefix_seqs.append(seq)
+            return -1, 0
+        self._prefixes[req.prefix_key] = (seq, n)
+        self._prefix_tokens_used += n
+        return seq, n
+
+    def _eval_tokens(self, seq: int, tokens: list[int]) -> bool:
+        """Evaluate ``tokens`` into ``seq`` from position 0, in batch-sized chunks, no logits."""
+        step = self.rt.shape.n_batch
+        for start in range(0, len(tokens), step):
+            self.rt.batch_clear()
+            for i, tok in enumerate(tokens[start : start + step]):
+                self.rt.batch_add(tok, start + i, seq, False)
+            if self.rt.decode() != 0:
+                log.error("prefix evaluation failed; continuing without cache for it")
+                return False
+        self.counters["prompt_tokens"] += len(tokens)
+        return True
+
+    def _step(self) -> None:
+        rt = self.rt
+        # Cancelled requests leave before the step so their sequences are free for others.
+        for req in list(self._active):
+            if req.handle.cancelled.is_set():
+                self._end(req, reason="cancelled")
+        if not self._active:
+            return
+        rt.batch_clear()
+        budget = rt.shape.n_batch
+        for req in self._active:
+            req.batch_index = -1
+            if req.state is State.GENERATE:
+                req.batch_index = rt.batch_add(req.last_token, req.n_past, req.slot, True)
+                req.n_past += 1
+                budget -= 1
+        for req in self._active:
+            if req.state is State.BRANCH:
+                need = sum(len(toks) for _, _, toks in req.branches)
+                if need > budget:  # wait for a step with room; rare (labels are short)
+                    continue
+                req.batch_index = rt.batch_size
+                for seq, _, toks in req.branches:
+                    for j, tok in enumerate(toks):
+                        rt.batch_add(tok, req.n_past + j, seq, True)
+                budget -= need
+        for req in self._active:
+            if req.state is not State.PREFILL or budget <= 0:
+                continue
+            chunk = req.tokens[req.n_fed : req.n_fed + budget]
+            last = req.n_fed + len(chunk) == len(req.tokens)
+            for j, tok in enumerate(chunk):
+                i = rt.batch_add(tok, req.n_past + j, req.slot, last and j == len(chunk) - 1)
+            if last:
+                req.batch_index = i
+            req.n_past += len(chunk)
+            req.n_fed += len(chunk)
+            budget -= len(chunk)
+            self.counters["prompt_tokens"] += len(chunk)
+        if rt.batch_size == 0:
+            return
+        rc = rt.decode()
+        self.counters["steps"] += 1
+        if rc != 0:
+            self._decode_failed(rc)
+            return
+        for req in list(self._active):
+            if req.state is State.GENERATE and req.batch_index >= 0:
+                self._on_token(req, rt.logits(req.batch_index))
+            elif req.state is State.BRANCH and req.batch_index >= 0:
+                self._on_branches(req, req.batch_index)
+            elif req.state is State.PREFILL and req.batch_index >= 0:
+                self._on_prompt_done(req, rt.logits(req.batch_index))
+
+    def _decode_failed(self, rc: int) -> None:
+        # rc 1: no KV slot. Fail the newest prefilling request to make room; other codes are
+        # fatal for every request in the batch, whose cells may be half-written.
+        if rc == 1:
+            victims = [r for r in self._active if r.state is State.PREFILL][-1:]
+        else:
+            victims = list(self._active)
+        if not victims:
+            victims = list(self._active)
+        for req in victims:
+            self._end(req, error=BackendError(f"llama_decode failed (code {rc}); retry the request"))
+
+    def _on_prompt_done(self, req: Request, logits: np.ndarray) -> None:
+        if req.kind == "generate":
+            req.state = State.GENERATE
+            self._on_token(req, logits)
+            return
+        lp = log_softmax(logits)
+        req.choice_lp = [float(lp[c[0]]) for c in req.choices]
+        multi = [(ci, c) for ci, c in enumerate(req.choices) if len(c) > 1]
+        if not multi:
+            self._end(req, reason="stop", result=req.choice_lp)
+            return
+        for ci, c in multi:
+            seq = self._free_scratch.pop()
+            self.rt.seq_cp(req.slot, seq)
+            # Feed all but the last token; each position predicts the next token of the label.
+            req.branches.append((seq, ci, c[:-1]))
+        req.state = State.BRANCH
+
+    def _on_branches(self, req: Request, start: int) -> None:
+        idx = start
+        for _, ci, toks in req.branches:
+            full = req.choices[ci]
+            for j in range(len(toks)):
+                lp = log_softmax(self.rt.logits(idx + j))
+                req.choice_lp[ci] += float(lp[full[j + 1]])
+            idx += len(toks)
+        self._end(req, reason="stop", result=req.choice_lp)
+
+    def _on_token(self, req: Request, logits: np.ndarray) -> None:
+        p = req.params
+        tok = sample_token(logits, p, req.rng)
+        if self.rt.is_eog(tok):
+            self._end(req, reason="stop")
+            return
+        req.n_generated += 1
+        self.counters["generated_tokens"] += 1
+        req.last_token = tok
+        req.text += req.decoder.decode(self.rt.piece(tok))
+        for s in p.stop:
+            at = req.text.find(s, max(0, req.n_emitted - len(s)))
+            if at >= 0:
+                req.text = req.text[:at]
+                self._end(req, reason="stop")
+                return
+        if p.max_chars is not None and len(req.text) >= p.max_chars:
+            req.text = req.text[: p.max_chars]
+            self._end(req, reason="length")
+            return
+        if req.n_generated >= p.max_tokens or req.n_past + 1 >= self.ctx_limit(req):
+            self._end(req, reason="length")
+            return
+        # Hold back a tail that could be the start of a stop string.
+        hold = max((len(s) - 1 for s in p.stop), default=0)
+        upto = len(req.text) - hold
+        if upto > req.n_emitted:
+            req.handle.emit_text(req.text[req.n_emitted : upto])
+            req.n_emitted = upto
+
+    def ctx_limit(self, req: Request) -> int:
+        """Last position a request may reach: its cached prefix plus its own context share."""
+        return req.cached_tokens + self.ctx_per_seq
+
+    def _end(
+        self,
+        req: Request,
+        reason: str = "stop",
+        result: object = None,
+        error: BaseException | None = None,
+    ) -> None:
+        for seq, _, _ in req.branches:
+            self.rt.seq_rm(seq)
+            self._free_scratch.append(seq)
+        req.branches = []
+        if req.slot >= 0:
+            self.rt.seq_rm(req.slot)
+            self._free_slots.append(req.slot)
+            req.slot = -1
+        if req in self._active:
+            self._active.remove(req)
+        req.state = State.DONE
+        if error is not None:
+            self.counters["failed"] += 1
+            req.handle.fail(error)
+            return
+        if req.kind == "generate" and req.decoder is not None:
+            req.text += req.decoder.decode(b"", final=True)
+            if req.params.max_chars is not None:
+                req.text = req.text[: req.params.max_chars]
+            if len(req.text) > req.n_emitted and reason != "cancelled":
+                req.handle.emit_text(req.text[req.n_emitted :])
+                req.n_emitted = len(req.text)
+        self.counters["cancelled" if reason == "cancelled" else "finished"] += 1
+        usage = Usage(
+            # req.tokens already includes the prefix when it was not served from the cache
+            prompt_tokens=req.cached_tokens + len(req.tokens),
+            completion_tokens=req.n_generated,
+            cached_tokens=req.cached_tokens,
+        )
+        req.handle.finish(Finished(reason, usage, result))

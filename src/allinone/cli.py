@@ -1,0 +1,233 @@
+"""Command-line interface: one command per job (serve, classify, chat, tasks, models)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from allinone import __version__
+from allinone.settings import EngineSettings, ModelSettings, ServerSettings, Settings
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    """Flags override env/.env, which override defaults."""
+    model = ModelSettings(**{k: v for k, v in {"model": args.model}.items() if v is not None})
+    engine_over = {
+        "threads": getattr(args, "threads", None),
+        "parallel": getattr(args, "parallel", None),
+        "ctx_per_seq": getattr(args, "ctx_per_seq", None),
+    }
+    engine = EngineSettings(**{k: v for k, v in engine_over.items() if v is not None})
+    server_over = {
+        "host": getattr(args, "host", None),
+        "port": getattr(args, "port", None),
+        "tasks_dir": args.tasks_dir or None,
+    }
+    server = ServerSettings(**{k: v for k, v in server_over.items() if v is not None})
+    return Settings(model=model, engine=engine, server=server)
+
+
+def _service(settings: Settings):
+    from allinone.runtime import make_backend
+    from allinone.service import TaskService
+    from allinone.tasks import TaskRegistry
+
+    tasks = TaskRegistry.load(settings.server.tasks_dir)
+    backend = make_backend(settings)
+    backend.load()
+    return TaskService(backend, tasks, settings.server.default_max_tokens)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from allinone.api import create_app
+
+    settings = _settings(args)
+    app = create_app(settings)
+    uvicorn.run(app, host=settings.server.host, port=settings.server.port,
+                log_level=settings.server.log_level, timeout_graceful_shutdown=30)
+    return 0
+
+
+def cmd_classify(args: argparse.Namespace) -> int:
+    texts = args.text
+    if texts == ["-"]:
+        texts = [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    settings = _settings(args)
+    service = _service(settings)
+    try:
+        service.classify_task(args.task)
+        results = service.classify(args.task, texts)
+    finally:
+        service.backend.close()
+    for r in results:
+        print(json.dumps(r.to_dict(), ensure_ascii=False) if args.json else r.label)
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    service = _service(settings)
+    task = service.tasks.get(args.task)
+    if task.kind == "classify":
+        print(f"task {task.name!r} is a classifier; use: allinone classify", file=sys.stderr)
+        return 2
+    history: list[dict[str, str]] = []
+    if args.system:
+        history.append({"role": "system", "content": args.system})
+    print(f"allinone chat ({service.backend.model_id}, task {task.name}); "
+          "Ctrl-D or Ctrl-C to quit.", file=sys.stderr)
+    handle = None
+    try:
+        while True:
+            try:
+                line = input("> ")
+            except EOFError:
+                print(file=sys.stderr)
+                return 0
+            if not line.strip():
+                continue
+            history.append({"role": "user", "content": line})
+            plan = service.plan_chat(task, history)
+            # Keep only what the budget kept, so a long session does not grow without bound.
+            if plan.dropped_messages:
+                turns = [m for m in history if m["role"] != "system"]
+                drop = {id(m) for m in turns[: plan.dropped_messages]}
+                history = [m for m in history if id(m) not in drop]
+            handle = service.submit_chat(plan)
+            reply = []
+            for kind, value in handle.events():
+                if kind == "text":
+                    reply.append(value)
+                    print(value, end="", flush=True)
+            print()
+            handle = None
+            history.append({"role": "assistant", "content": "".join(reply)})
+    except KeyboardInterrupt:
+        if handle is not None:
+            handle.cancel()
+        print(file=sys.stderr)
+        return 0
+    finally:
+        service.backend.close()
+
+
+def cmd_tasks(args: argparse.Namespace) -> int:
+    from allinone.tasks import TaskRegistry
+
+    reg = TaskRegistry.load(args.tasks_dir or [])
+    if args.json:
+        print(json.dumps([t.model_dump() for t in reg], ensure_ascii=False, indent=2))
+        return 0
+    for t in reg:
+        labels = " / ".join(t.labels) if t.labels else ""
+        print(f"{t.name:<16} {t.kind:<9} {labels:<24} {t.description}")
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from allinone.models import CATALOG, DEFAULT_MODEL, get_entry
+    from allinone.models import fetch as fetching
+
+    cache = ModelSettings().cache_dir
+    if args.action == "list":
+        rows = []
+        for e in CATALOG.values():
+            present = fetching.is_present(e, cache)
+            rows.append({
+                "name": e.name, "role": e.role, "default": e.name == DEFAULT_MODEL,
+                "size": e.size, "sha256": e.sha256, "present": present,
+                "path": str(fetching.model_path(e, cache)),
+                "source": "pypi: " + ", ".join(f"{p.package}=={p.version}" for p in e.parts[:2])
+                + (f", ... ({len(e.parts)} wheels)" if len(e.parts) > 2 else ""),
+                "license": e.license,
+            })
+        if args.json:
+            print(json.dumps(rows, indent=2))
+        else:
+            for r in rows:
+                mark = "present" if r["present"] else "absent"
+                print(f"{r['name']:<38} {r['role']:<16} {r['size'] / 1e6:8.1f} MB  {mark:<8} "
+                      f"sha256 {r['sha256'][:16]}…  {r['source']}")
+        return 0
+    names = args.names or [DEFAULT_MODEL]
+    for name in names:
+        entry = get_entry(name)
+        if entry is None:
+            print(f"unknown model {name!r}; catalog: {', '.join(CATALOG)}", file=sys.stderr)
+            return 2
+        if args.action == "fetch":
+            print(fetching.fetch(entry, cache))
+        elif args.action == "verify":
+            fetching.verify(entry, cache)
+            print(f"{entry.name}: sha256 ok")
+        elif args.action == "path":
+            print(fetching.model_path(entry, cache))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (exposed for tests and docs)."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--model", help="catalog name/alias or path to a GGUF (env ALLINONE_MODEL)")
+    common.add_argument("--tasks-dir", action="append", type=Path, default=[],
+                        help="folder of extra task files (*.toml); may repeat")
+    common.add_argument("--threads", type=int, help="CPU threads (env ALLINONE_THREADS)")
+    common.add_argument("-v", "--verbose", action="store_true", help="log more")
+
+    p = argparse.ArgumentParser(prog="allinone", description=__doc__)
+    p.add_argument("--version", action="version", version=f"allinone {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("serve", parents=[common], help="run the HTTP server")
+    s.add_argument("--host", help="address (default 127.0.0.1)")
+    s.add_argument("--port", type=int, help="port (default 8000)")
+    s.add_argument("--parallel", type=int, help="sequences decoded together (default 4)")
+    s.add_argument("--ctx-per-seq", type=int, help="context tokens per sequence (default 2048)")
+    s.set_defaults(func=cmd_serve)
+
+    c = sub.add_parser("classify", parents=[common], help="classify text(s); '-' reads stdin")
+    c.add_argument("text", nargs="+", help="text(s) to classify, or '-' for one per stdin line")
+    c.add_argument("--task", default="sentiment", help="classify task (default sentiment)")
+    c.add_argument("--json", action="store_true", help="print one JSON object per text")
+    c.set_defaults(func=cmd_classify)
+
+    ch = sub.add_parser("chat", parents=[common], help="interactive terminal chat")
+    ch.add_argument("--task", default="chat", help="chat task (default chat)")
+    ch.add_argument("--system", help="system prompt instead of the task's")
+    ch.set_defaults(func=cmd_chat)
+
+    t = sub.add_parser("tasks", parents=[common], help="list tasks")
+    t.add_argument("--json", action="store_true")
+    t.set_defaults(func=cmd_tasks)
+
+    m = sub.add_parser("models", help="list, fetch or verify catalog models")
+    m.add_argument("action", nargs="?", default="list", choices=["list", "fetch", "verify", "path"])
+    m.add_argument("names", nargs="*", help="catalog names or aliases (default: the default model)")
+    m.add_argument("--json", action="store_true")
+    m.set_defaults(func=cmd_models, tasks_dir=[], model=None, verbose=False)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``allinone`` command."""
+    from allinone.backends.base import BackendError
+    from allinone.models import ModelFetchError
+    from allinone.tasks import TaskError
+
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return int(args.func(args) or 0)
+    except (ModelFetchError, TaskError, BackendError, ValueError) as exc:
+        print(f"allinone: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,152 @@
+"""The exception tree and the one error envelope every failure is answered with.
+
+Every error body is ``{"error": {"message", "type", "param", "code"}}`` (OpenAI's shape), also
+for validation errors and unknown routes. Errors map to statuses by exception type, never by
+message text; unexpected exceptions become a generic 500 and their details go to the log.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from allinone.backends.base import BackendError, EngineOverloadedError, PromptTooLongError
+from allinone.tasks import TaskError
+
+log = logging.getLogger(__name__)
+
+
+class APIError(Exception):
+    """An error with an HTTP status and an OpenAI-style type/code."""
+
+    status: int = 500
+    type: str = "server_error"
+    code: str = "internal_error"
+
+    def __init__(
+        self,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code:
+            self.code = code
+        self.headers = headers or {}
+
+
+class InvalidRequestError(APIError):
+    """400: the request is malformed or breaks a limit."""
+
+    status, type, code = 400, "invalid_request_error", "invalid_request"
+
+
+class AuthenticationError(APIError):
+    """401: missing or wrong API key."""
+
+    status, type, code = 401, "authentication_error", "invalid_api_key"
+
+
+class NotFoundError(APIError):
+    """404: unknown task, model or route."""
+
+    status, type, code = 404, "not_found_error", "not_found"
+
+
+class PayloadTooLargeError(APIError):
+    """413: the body is over the size cap."""
+
+    status, type, code = 413, "invalid_request_error", "payload_too_large"
+
+
+class OverloadedError(APIError):
+    """503 with Retry-After: too much work queued; retry later."""
+
+    status, type, code = 503, "overloaded_error", "overloaded"
+
+
+class NotReadyError(APIError):
+    """503: the model is still loading (or failed to load)."""
+
+    status, type, code = 503, "service_unavailable", "not_ready"
+
+
+def envelope(message: str, type_: str, code: str, param: str | None = None) -> dict[str, Any]:
+    """The one error body."""
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def error_response(exc: APIError) -> JSONResponse:
+    """An APIError as a JSON response."""
+    return JSONResponse(
+        envelope(exc.message, exc.type, exc.code, exc.param),
+        status_code=exc.status,
+        headers=exc.headers,
+    )
+
+
+def to_api_error(exc: BaseException, retry_after: int = 1) -> APIError:
+    """Map any exception raised while serving to the APIError a client should see."""
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, EngineOverloadedError):
+        return OverloadedError(str(exc), headers={"Retry-After": str(retry_after)})
+    if isinstance(exc, TaskError):
+        if getattr(exc, "not_found", False):
+            return NotFoundError(str(exc), param=getattr(exc, "param", None))
+        return InvalidRequestError(str(exc), param=getattr(exc, "param", None))
+    if isinstance(exc, PromptTooLongError):
+        return InvalidRequestError(str(exc), param="messages", code="context_length_exceeded")
+    if isinstance(exc, BackendError):
+        log.error("engine error: %s", exc)
+        return APIError("the engine failed to run the request; retry it", code="engine_error")
+    log.error("unexpected error", exc_info=exc)
+    return APIError("internal server error")
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    errors = exc.errors()
+    if not errors:
+        return "invalid request", None
+    first = errors[0]
+    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    param = ".".join(loc) or None
+    if first.get("type") == "json_invalid":
+        return f"the body is not valid JSON: {first.get('msg')}; send a JSON object", None
+    msg = first.get("msg", "invalid value")
+    where = f"{param}: " if param else ""
+    more = f" (and {len(errors) - 1} more problem(s))" if len(errors) > 1 else ""
+    return f"{where}{msg}{more}", param
+
+
+def register_exception_handlers(app: FastAPI) -> None:
+    """Answer every failure with the envelope: API errors, validation, unknown routes, bugs."""
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        message, param = _validation_message(exc)
+        return error_response(InvalidRequestError(message, param=param))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 404:
+            return error_response(NotFoundError("no such route; see /docs for the API"))
+        if exc.status_code == 405:
+            err = InvalidRequestError("method not allowed on this route", code="method_not_allowed")
+            err.status = 405
+            return error_response(err)
+        err = InvalidRequestError(str(exc.detail))
+        err.status = exc.status_code
+        return error_response(err)
+
+    @app.exception_handler(Exception)
+    async def _any(_: Request, exc: Exception) -> JSONResponse:
+        return error_response(to_api_error(exc))

