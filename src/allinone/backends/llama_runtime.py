@@ -40,10 +40,12 @@ def _llama():
 
     if _log_callback is None:
         # llama.cpp prints every tensor and vocabulary quirk at load; route its messages to
-        # Python logging (DEBUG, ERROR for its errors) instead of stderr.
+        # Python logging instead of stderr: ggml's level 4 is an error, 3 a warning (INFO here:
+        # its load-time warnings are about model files, not about serving).
         @llama_cpp.llama_log_callback
         def forward(level: int, text: bytes, _user: ctypes.c_void_p) -> None:
-            _native_log.log(logging.ERROR if level == 3 else logging.DEBUG,
+            py_level = {4: logging.ERROR, 3: logging.INFO}.get(level, logging.DEBUG)
+            _native_log.log(py_level,
                             "%s", text.decode("utf-8", "replace").rstrip())
 
         _log_callback = forward

