@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -98,18 +99,35 @@ class ServerProcess:
     def __init__(self, model: str, extra_env: dict[str, str] | None = None, args=()):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        env = {**os.environ, "ALLINONE_MODEL": model, "ALLINONE_THREADS": "2",
-               "ALLINONE_CTX_PER_SEQ": "1024", **(extra_env or {})}
+        env = {
+            **os.environ,
+            "ALLINONE_MODEL": model,
+            "ALLINONE_THREADS": "2",
+            "ALLINONE_CTX_PER_SEQ": "1024",
+            **(extra_env or {}),
+        }
+        # A file, not a pipe: an unread pipe fills up and blocks the server's logging.
+        self.log = tempfile.NamedTemporaryFile(  # noqa: SIM115 - closed in stop()
+            "w+", prefix="allinone-server-", suffix=".log"
+        )
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "allinone", "serve", "--port", str(self.port), *args],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            env=env,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            text=True,
         )
+
+    def output(self) -> str:
+        self.log.flush()
+        self.log.seek(0)
+        return self.log.read()
 
     def wait_ready(self, timeout: float = 120.0) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited early:\n{self.proc.stdout.read()}")
+                raise RuntimeError(f"server exited early:\n{self.output()}")
             try:
                 if httpx.get(f"{self.url}/ready", timeout=2).status_code == 200:
                     return
@@ -121,10 +139,12 @@ class ServerProcess:
     def stop(self) -> str:
         self.proc.terminate()
         try:
-            out, _ = self.proc.communicate(timeout=30)
+            self.proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             self.proc.kill()
-            out, _ = self.proc.communicate()
+            self.proc.wait()
+        out = self.output()
+        self.log.close()
         return out
 
 

@@ -48,8 +48,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     app = create_app(settings)
-    uvicorn.run(app, host=settings.server.host, port=settings.server.port,
-                log_level=settings.server.log_level, timeout_graceful_shutdown=30)
+    uvicorn.run(
+        app,
+        host=settings.server.host,
+        port=settings.server.port,
+        log_level=settings.server.log_level,
+        timeout_graceful_shutdown=30,
+    )
     return 0
 
 
@@ -79,8 +84,10 @@ def cmd_chat(args: argparse.Namespace) -> int:
     history: list[dict[str, str]] = []
     if args.system:
         history.append({"role": "system", "content": args.system})
-    print(f"allinone chat ({service.backend.model_id}, task {task.name}); "
-          "Ctrl-D or Ctrl-C to quit.", file=sys.stderr)
+    print(
+        f"allinone chat ({service.backend.model_id}, task {task.name}); Ctrl-D or Ctrl-C to quit.",
+        file=sys.stderr,
+    )
     handle = None
     try:
         while True:
@@ -138,21 +145,30 @@ def cmd_models(args: argparse.Namespace) -> int:
         rows = []
         for e in CATALOG.values():
             present = fetching.is_present(e, cache)
-            rows.append({
-                "name": e.name, "role": e.role, "default": e.name == DEFAULT_MODEL,
-                "size": e.size, "sha256": e.sha256, "present": present,
-                "path": str(fetching.model_path(e, cache)),
-                "source": "pypi: " + ", ".join(f"{p.package}=={p.version}" for p in e.parts[:2])
-                + (f", ... ({len(e.parts)} wheels)" if len(e.parts) > 2 else ""),
-                "license": e.license,
-            })
+            rows.append(
+                {
+                    "name": e.name,
+                    "role": e.role,
+                    "default": e.name == DEFAULT_MODEL,
+                    "size": e.size,
+                    "sha256": e.sha256,
+                    "present": present,
+                    "path": str(fetching.model_path(e, cache)),
+                    "source": "pypi: "
+                    + ", ".join(f"{p.package}=={p.version}" for p in e.parts[:2])
+                    + (f", ... ({len(e.parts)} wheels)" if len(e.parts) > 2 else ""),
+                    "license": e.license,
+                }
+            )
         if args.json:
             print(json.dumps(rows, indent=2))
         else:
             for r in rows:
                 mark = "present" if r["present"] else "absent"
-                print(f"{r['name']:<38} {r['role']:<16} {r['size'] / 1e6:8.1f} MB  {mark:<8} "
-                      f"sha256 {r['sha256'][:16]}…  {r['source']}")
+                print(
+                    f"{r['name']:<38} {r['role']:<16} {r['size'] / 1e6:8.1f} MB  {mark:<8} "
+                    f"sha256 {r['sha256'][:16]}…  {r['source']}"
+                )
         return 0
     names = args.names or [DEFAULT_MODEL]
     for name in names:
@@ -174,8 +190,13 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for tests and docs)."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--model", help="catalog name/alias or path to a GGUF (env ALLINONE_MODEL)")
-    common.add_argument("--tasks-dir", action="append", type=Path, default=[],
-                        help="folder of extra task files (*.toml); may repeat")
+    common.add_argument(
+        "--tasks-dir",
+        action="append",
+        type=Path,
+        default=[],
+        help="folder of extra task files (*.toml); may repeat",
+    )
     common.add_argument("--threads", type=int, help="CPU threads (env ALLINONE_THREADS)")
     common.add_argument("-v", "--verbose", action="store_true", help="log more")
 

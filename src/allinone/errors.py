@@ -147,6 +147,14 @@ def register_exception_handlers(app: FastAPI) -> None:
         err.status = exc.status_code
         return error_response(err)
 
+    # Known errors are handled here, inside the app; only a bug reaches the generic handler
+    # (which Starlette runs in its outermost middleware and then logs with a traceback).
+    async def _known(_: Request, exc: Exception) -> JSONResponse:
+        return error_response(to_api_error(exc))
+
+    for known in (APIError, TaskError, PromptTooLongError, BackendError):
+        app.add_exception_handler(known, _known)
+
     @app.exception_handler(Exception)
     async def _any(_: Request, exc: Exception) -> JSONResponse:
         return error_response(to_api_error(exc))

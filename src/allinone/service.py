@@ -13,6 +13,10 @@ from dataclasses import dataclass, field
 from allinone.backends.base import Backend, Finished, GenerationParams, Prompt, RequestHandle
 from allinone.tasks import TaskError, TaskRegistry, TaskSpec
 
+# Chat templates wrap each message in markup (ChatML: <|im_start|>, role, newlines, <|im_end|>);
+# history budgets count it per message so a long chat of short turns still fits.
+MESSAGE_OVERHEAD_TOKENS = 6
+
 
 @dataclass
 class ClassifyResult:
@@ -129,14 +133,26 @@ class TaskService:
             cached_tokens=finished.usage.cached_tokens,
         )
 
+    def submit_many(self, task_name: str, texts: list[str]) -> list[ClassifyJob]:
+        """Queue every text, or none: if one is refused, those already queued are cancelled."""
+        jobs: list[ClassifyJob] = []
+        try:
+            for t in texts:
+                jobs.append(self.submit_classify(task_name, t))
+        except BaseException:
+            for j in jobs:
+                j.handle.cancel()
+            raise
+        return jobs
+
     def classify(self, task_name: str, texts: list[str]) -> list[ClassifyResult]:
         """Classify texts (all queued at once so the engine can batch them); blocking."""
-        jobs = [self.submit_classify(task_name, t) for t in texts]
+        jobs = self.submit_many(task_name, texts)
         return [self.classify_result(j, j.handle.result()) for j in jobs]
 
     async def classify_async(self, task_name: str, texts: list[str]) -> list[ClassifyResult]:
         """Async form of ``classify``; cancels outstanding work if the caller goes away."""
-        jobs = [self.submit_classify(task_name, t) for t in texts]
+        jobs = self.submit_many(task_name, texts)
         try:
             return [self.classify_result(j, await j.handle.result_async()) for j in jobs]
         finally:
@@ -166,10 +182,10 @@ class TaskService:
             messages[-1]["content"] = task.prepare_input(messages[-1]["content"])
             if not any(m["role"] == "system" for m in messages):
                 messages.insert(0, {"role": "system", "content": task.system})
-            messages, dropped = bound_history(
-                messages, task.history_tokens, self.backend.count_tokens
-            )
             cap = task.output.max_tokens
+            messages, dropped = bound_history(
+                messages, self._history_budget(messages, task.history_tokens, cap), self._cost
+            )
             params = GenerationParams(
                 max_tokens=min(max_tokens or cap, cap),
                 temperature=task.temperature if temperature is None else temperature,
@@ -179,6 +195,9 @@ class TaskService:
                 seed=seed,
             )
         else:
+            reply = max_tokens or self.default_max_tokens
+            budget = self._history_budget(messages, self.backend.context_tokens, reply)
+            messages, dropped = bound_history(messages, budget, self._cost)
             params = GenerationParams(
                 max_tokens=max_tokens or self.default_max_tokens,
                 temperature=0.0 if temperature is None else temperature,
@@ -188,6 +207,15 @@ class TaskService:
             )
         n_prefix = 1 if messages[0]["role"] == "system" and len(messages) > 1 else 0
         return ChatPlan(self.backend.render_chat(messages, n_prefix), params, dropped)
+
+    def _cost(self, text: str) -> int:
+        return self.backend.count_tokens(text) + MESSAGE_OVERHEAD_TOKENS
+
+    def _history_budget(self, messages: list[dict[str, str]], wanted: int, reply: int) -> int:
+        """The task's history budget, shrunk so system prompt + history + reply fit a sequence."""
+        system = sum(self._cost(m["content"]) for m in messages if m["role"] == "system")
+        room = self.backend.context_tokens - system - min(reply, 256) - 2 * MESSAGE_OVERHEAD_TOKENS
+        return max(0, min(wanted, room))
 
     def submit_chat(self, plan: ChatPlan) -> RequestHandle:
         """Queue a planned chat; the handle streams text."""

@@ -43,18 +43,28 @@ class EngineSettings(BaseSettings):
     """How the engine runs the model: threads, parallel sequences, context per sequence."""
 
     model_config = _COMMON
-    threads: int = Field(default_factory=_default_threads, ge=1, le=512,
-                         description="CPU threads for llama.cpp")
+    threads: int = Field(
+        default_factory=_default_threads, ge=1, le=512, description="CPU threads for llama.cpp"
+    )
     parallel: int = Field(4, ge=1, le=64, description="Sequences decoded together per step")
-    ctx_per_seq: int = Field(2048, ge=128, le=131072,
-                             description="Tokens of context each sequence may use")
+    ctx_per_seq: int = Field(
+        2048, ge=128, le=131072, description="Tokens of context each sequence may use"
+    )
     n_batch: int = Field(512, ge=16, le=8192, description="Most tokens evaluated in one step")
-    prefix_cache_size: int = Field(8, ge=0, le=64,
-                                   description="Task prefixes kept as shared KV-cache sequences")
-    prefix_cache_tokens: int = Field(4096, ge=0, le=65536,
-                                     description="KV cells reserved for cached prefixes in total")
+    prefix_cache_size: int = Field(
+        8, ge=0, le=64, description="Task prefixes kept as shared KV-cache sequences"
+    )
+    prefix_cache_tokens: int = Field(
+        4096, ge=0, le=65536, description="KV cells reserved for cached prefixes in total"
+    )
     max_choices: int = Field(16, ge=2, le=64, description="Most labels a classify task may have")
-    max_queue: int = Field(64, ge=1, le=100000, description="Requests waiting for a sequence")
+    max_queue: int = Field(
+        1024,
+        ge=1,
+        le=100000,
+        description="Requests (list items count one each) waiting for a "
+        "sequence; more are refused with 503",
+    )
     seed: int = Field(0, description="Default sampling seed, for sampled (temperature>0) replies")
 
 
@@ -65,12 +75,15 @@ class ServerSettings(BaseSettings):
     host: str = Field("127.0.0.1", description="Address to listen on")
     port: int = Field(8000, ge=0, le=65535, description="Port to listen on")
     tasks_dir: list[Path] = Field(default_factory=list, description="Extra task-file folders")
-    max_body_bytes: int = Field(1_048_576, ge=1024, le=1 << 30,
-                                description="Largest request body accepted (413 above)")
-    max_batch_inputs: int = Field(256, ge=1, le=10000,
-                                  description="Most texts in one /v1/classify request")
-    default_max_tokens: int = Field(256, ge=1, le=32768,
-                                    description="Reply cap when a raw-model chat names none")
+    max_body_bytes: int = Field(
+        1_048_576, ge=1024, le=1 << 30, description="Largest request body accepted (413 above)"
+    )
+    max_batch_inputs: int = Field(
+        256, ge=1, le=10000, description="Most texts in one /v1/classify request"
+    )
+    default_max_tokens: int = Field(
+        256, ge=1, le=32768, description="Reply cap when a raw-model chat names none"
+    )
     log_level: str = Field("info", description="Logging level")
 
 

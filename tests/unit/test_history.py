@@ -18,8 +18,14 @@ def test_keeps_everything_under_budget():
 
 
 def test_drops_oldest_first_and_keeps_system_and_last():
-    m = msgs(("system", "sys"), ("user", "1" * 10), ("assistant", "2" * 10),
-             ("user", "3" * 10), ("assistant", "4" * 10), ("user", "5" * 10))
+    m = msgs(
+        ("system", "sys"),
+        ("user", "1" * 10),
+        ("assistant", "2" * 10),
+        ("user", "3" * 10),
+        ("assistant", "4" * 10),
+        ("user", "5" * 10),
+    )
     kept, dropped = bound_history(m, 30, count)
     assert [x["content"][0] for x in kept] == ["s", "3", "4", "5"]
     assert dropped == 2

@@ -36,8 +36,11 @@ def test_user_task_dir_adds_and_overrides(tmp_path):
         ('kind = "classify"\nsystem = "x"\nlabels = ["a"]\n', "at least two labels"),
         ('kind = "classify"\nsystem = "x"\nlabels = ["a", "a"]\n', "distinct"),
         ('kind = "chat"\nsystem = "x"\nlabels = ["a", "b"]\n', "has no labels"),
-        ('kind = "classify"\nsystem = "x"\nlabels = ["a", "b"]\n'
-         '[[examples]]\ninput = "q"\noutput = "c"\n', "example outputs must be labels"),
+        (
+            'kind = "classify"\nsystem = "x"\nlabels = ["a", "b"]\n'
+            '[[examples]]\ninput = "q"\noutput = "c"\n',
+            "example outputs must be labels",
+        ),
         ('kind = "poem"\nsystem = "x"\n', "kind"),
         ('kind = "chat"\n', "system"),
         ('kind = "chat"\nsystem = "x"\ncolour = "red"\n', "colour"),

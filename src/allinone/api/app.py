@@ -13,7 +13,12 @@ from allinone import __version__
 from allinone.api.routes import health, openai, tasks
 from allinone.api.state import ServerState
 from allinone.backends.base import Backend
-from allinone.errors import PayloadTooLargeError, envelope, error_response, register_exception_handlers
+from allinone.errors import (
+    PayloadTooLargeError,
+    envelope,
+    error_response,
+    register_exception_handlers,
+)
 from allinone.settings import Settings
 from allinone.tasks import TaskRegistry
 
@@ -98,8 +103,16 @@ def create_app(
         "classification, health and readiness.",
         lifespan=lifespan,
         responses={
-            400: {"description": "Bad input", "content": {"application/json": {"example":
-                  envelope("input is empty", "invalid_request_error", "invalid_request")}}},
+            400: {
+                "description": "Bad input",
+                "content": {
+                    "application/json": {
+                        "example": envelope(
+                            "input is empty", "invalid_request_error", "invalid_request"
+                        )
+                    }
+                },
+            },
         },
     )
     app.state.server = state

@@ -54,8 +54,9 @@ class ServerState:
         if not self.ready.is_set() or self.service is None:
             if self.load_error:
                 raise NotReadyError(f"the model failed to load: {self.load_error}")
-            raise NotReadyError("the model is still loading; retry shortly",
-                                headers={"Retry-After": "1"})
+            raise NotReadyError(
+                "the model is still loading; retry shortly", headers={"Retry-After": "1"}
+            )
         return self.service
 
     def close(self) -> None:

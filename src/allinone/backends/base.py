@@ -180,6 +180,11 @@ class Backend(ABC):
     def model_id(self) -> str:
         """The id the API reports for the loaded model."""
 
+    @property
+    @abstractmethod
+    def context_tokens(self) -> int:
+        """Tokens one request may use (prompt + reply)."""
+
     @abstractmethod
     def count_tokens(self, text: str) -> int:
         """Tokens ``text`` takes (used to bound chat history)."""

@@ -66,6 +66,10 @@ class LlamaCppBackend(Backend):
     def model_id(self) -> str:
         return self._model_id
 
+    @property
+    def context_tokens(self) -> int:
+        return self.settings.ctx_per_seq
+
     def load(self) -> None:
         s = self.settings
         t0 = time.perf_counter()
@@ -98,8 +102,14 @@ class LlamaCppBackend(Backend):
         )
         self.scheduler.start()
         self.load_seconds = time.perf_counter() - t0
-        log.info("loaded %s in %.2f s (n_ctx=%d, parallel=%d, threads=%d)",
-                 self.model_path.name, self.load_seconds, n_ctx, s.parallel, s.threads)
+        log.info(
+            "loaded %s in %.2f s (n_ctx=%d, parallel=%d, threads=%d)",
+            self.model_path.name,
+            self.load_seconds,
+            n_ctx,
+            s.parallel,
+            s.threads,
+        )
 
     def health(self) -> bool:
         return self.scheduler is not None and self.scheduler.alive
@@ -114,9 +124,7 @@ class LlamaCppBackend(Backend):
 
     def render_chat(self, messages: list[dict[str, str]], n_prefix_messages: int) -> Prompt:
         self._runtime()
-        marked = [
-            {"role": m["role"], "content": _MARK.format(i)} for i, m in enumerate(messages)
-        ]
+        marked = [{"role": m["role"], "content": _MARK.format(i)} for i, m in enumerate(messages)]
         bos_text, add_bos = self._bos
         rendered = self._template.render(
             messages=marked, add_generation_prompt=True, bos_token=bos_text, eos_token=""

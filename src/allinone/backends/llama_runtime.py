@@ -45,8 +45,7 @@ def _llama():
         @llama_cpp.llama_log_callback
         def forward(level: int, text: bytes, _user: ctypes.c_void_p) -> None:
             py_level = {4: logging.ERROR, 3: logging.INFO}.get(level, logging.DEBUG)
-            _native_log.log(py_level,
-                            "%s", text.decode("utf-8", "replace").rstrip())
+            _native_log.log(py_level, "%s", text.decode("utf-8", "replace").rstrip())
 
         _log_callback = forward
         llama_cpp.llama_log_set(_log_callback, ctypes.c_void_p(0))

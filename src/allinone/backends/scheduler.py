@@ -356,7 +356,9 @@ class Scheduler:
         if not victims:
             victims = list(self._active)
         for req in victims:
-            self._end(req, error=BackendError(f"llama_decode failed (code {rc}); retry the request"))
+            self._end(
+                req, error=BackendError(f"llama_decode failed (code {rc}); retry the request")
+            )
 
     def _on_prompt_done(self, req: Request, logits: np.ndarray) -> None:
         if req.kind == "generate":

