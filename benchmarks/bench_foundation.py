@@ -11,14 +11,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import SHARED_DATA, machine, pct, read_tsv, rss_mb, write_result  # noqa: E402
-
-from allinone.backends.base import GenerationParams  # noqa: E402
-from allinone.backends.llama_cpp import LlamaCppBackend  # noqa: E402
-from allinone.models import ensure_model  # noqa: E402
-from allinone.service import TaskService  # noqa: E402
-from allinone.settings import EngineSettings  # noqa: E402
-from allinone.tasks import TaskRegistry  # noqa: E402
+from allinone.backends.base import GenerationParams
+from allinone.backends.llama_cpp import LlamaCppBackend
+from allinone.models import ensure_model
+from allinone.service import TaskService
+from allinone.settings import EngineSettings
+from allinone.tasks import TaskRegistry
+from common import SHARED_DATA, machine, pct, read_tsv, rss_mb, write_result
 
 
 def main() -> None:
@@ -99,12 +98,16 @@ def main() -> None:
     print(f"resident after load   {rss_load:.0f} MB (process before load: {rss0:.0f} MB)")
     print(f"resident after run    {rss_end:.0f} MB")
     c = result["classify"]
-    print(f"classify              p50 {c['latency_ms_p50']} ms, p95 {c['latency_ms_p95']} ms, "
-          f"accuracy {c['accuracy']} on {c['texts']} test_clean texts")
+    print(
+        f"classify              p50 {c['latency_ms_p50']} ms, p95 {c['latency_ms_p95']} ms, "
+        f"accuracy {c['accuracy']} on {c['texts']} test_clean texts"
+    )
     ch = result["chat"]
-    print(f"chat decode           {ch['decode_tokens_per_s']} tokens/s, "
-          f"time to first token {ch['ttft_ms_p50']} ms")
-    print(f"saved                 {out.relative_to(Path.cwd()) if out.is_relative_to(Path.cwd()) else out}")
+    print(
+        f"chat decode           {ch['decode_tokens_per_s']} tokens/s, "
+        f"time to first token {ch['ttft_ms_p50']} ms"
+    )
+    print(f"saved                 {out}")
 
 
 if __name__ == "__main__":

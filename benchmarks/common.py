@@ -31,8 +31,10 @@ def pct(values: list[float], q: float) -> float:
     """The q-th percentile (0-100) by linear interpolation."""
     if not values:
         return float("nan")
-    return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1] if q < 100 else max(
-        values
+    return (
+        statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1]
+        if q < 100
+        else max(values)
     )
 
 
