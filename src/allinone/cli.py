@@ -30,7 +30,7 @@ def _settings(args: argparse.Namespace) -> Settings:
     return Settings(model=model, engine=engine, server=server)
 
 
-def _service(settings: Settings):
+def _service(settings: Settings, use_calibration: bool = True):
     from allinone.runtime import make_backend
     from allinone.service import TaskService
     from allinone.tasks import TaskRegistry
@@ -38,7 +38,10 @@ def _service(settings: Settings):
     tasks = TaskRegistry.load(settings.server.tasks_dir)
     backend = make_backend(settings)
     backend.load()
-    return TaskService(backend, tasks, settings.server.default_max_tokens)
+    service = TaskService(backend, tasks, settings.server.default_max_tokens)
+    if use_calibration:
+        service.load_calibrations(settings.model.cache_dir)
+    return service
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -121,6 +124,58 @@ def cmd_chat(args: argparse.Namespace) -> int:
         return 0
     finally:
         service.backend.close()
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from allinone.evaluation import evaluate, format_report, read_labelled
+
+    settings = _settings(args)
+    service = _service(settings, use_calibration=not args.no_calibration)
+    try:
+        task = service.classify_task(args.task)
+        rows = read_labelled(args.file, task, args.limit)
+        report = evaluate(service, args.task, rows, batch=args.batch, repeat=args.repeat,
+                          progress=not args.json and sys.stderr.isatty() or args.progress,
+                          file=str(args.file))
+    finally:
+        service.backend.close()
+    print(json.dumps(report.to_dict(), ensure_ascii=False) if args.json
+          else format_report(report))
+    return 0 if report.consistent in (None, True) else 1
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from allinone import calibration
+    from allinone.evaluation import evaluate, read_labelled, score_predictions
+
+    settings = _settings(args)
+    service = _service(settings, use_calibration=False)
+    try:
+        task = service.classify_task(args.task)
+        rows = read_labelled(args.file, task, args.limit)
+        report = evaluate(service, args.task, rows, batch=args.batch,
+                          progress=sys.stderr.isatty(), file=str(args.file))
+    finally:
+        service.backend.close()
+    logps = np.array(report.logprobs)
+    gold = np.array([task.labels.index(g) for g in report.gold])
+    bias = calibration.fit_bias(logps, gold)
+    pred = [task.labels[i] for i in np.argmax(logps + bias, axis=1)]
+    after = score_predictions(task.labels, report.gold, pred)
+    cal = calibration.new_calibration(
+        task, service.backend.model_id, bias, fitted_on=str(args.file), n=len(rows),
+        accuracy_before=report.raw.accuracy, accuracy_after=after.accuracy,
+    )
+    out = args.out or calibration.calibration_path(
+        settings.model.cache_dir, service.backend.model_id, task.name)
+    calibration.save(cal, out)
+    print(f"bias {', '.join(f'{k} {v:+.3f}' for k, v in cal.bias.items())}")
+    print(f"accuracy on {len(rows)} texts of {args.file}: {report.raw.accuracy:.4f} -> "
+          f"{after.accuracy:.4f} (fitted on these texts)")
+    print(f"saved {out}; `allinone eval`, `classify` and `serve` with this model use it")
+    return 0
 
 
 def cmd_tasks(args: argparse.Namespace) -> int:
@@ -221,6 +276,26 @@ def build_parser() -> argparse.ArgumentParser:
     ch.add_argument("--task", default="chat", help="chat task (default chat)")
     ch.add_argument("--system", help="system prompt instead of the task's")
     ch.set_defaults(func=cmd_chat)
+
+    e = sub.add_parser("eval", parents=[common], help="accuracy, F1, latency on a labelled TSV")
+    e.add_argument("file", type=Path, help="label<TAB>text file (values mapped by the task)")
+    e.add_argument("--task", default="sentiment")
+    e.add_argument("--limit", type=int, help="first N rows only")
+    e.add_argument("--batch", type=int, default=8, help="texts in flight at once (default 8)")
+    e.add_argument("--repeat", type=int, default=1, help="run K times; check labels never change")
+    e.add_argument("--json", action="store_true", help="print one JSON object")
+    e.add_argument("--no-calibration", action="store_true", help="ignore a stored calibration")
+    e.add_argument("--progress", action="store_true", help="progress bar even when not a tty")
+    e.set_defaults(func=cmd_eval)
+
+    cb = sub.add_parser("calibrate", parents=[common],
+                        help="fit per-label biases on a labelled dev TSV and store them")
+    cb.add_argument("file", type=Path, help="label<TAB>text dev file (never the test set)")
+    cb.add_argument("--task", default="sentiment")
+    cb.add_argument("--limit", type=int)
+    cb.add_argument("--batch", type=int, default=8)
+    cb.add_argument("--out", type=Path, help="where to write (default: the model cache)")
+    cb.set_defaults(func=cmd_calibrate)
 
     t = sub.add_parser("tasks", parents=[common], help="list tasks")
     t.add_argument("--json", action="store_true")

@@ -10,6 +10,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from pathlib import Path
+
+from allinone import calibration
 from allinone.backends.base import Backend, Finished, GenerationParams, Prompt, RequestHandle
 from allinone.tasks import TaskError, TaskRegistry, TaskSpec
 
@@ -28,6 +31,8 @@ class ClassifyResult:
     latency_ms: float
     prompt_tokens: int = 0
     cached_tokens: int = 0
+    logprobs: list[float] = field(default_factory=list)
+    calibrated: bool = False
 
     def to_dict(self) -> dict:
         """The JSON shape used by the CLI and the API."""
@@ -90,6 +95,19 @@ class TaskService:
         self.backend = backend
         self.tasks = tasks
         self.default_max_tokens = default_max_tokens
+        self.calibrations: dict[str, calibration.Calibration] = {}
+
+    def load_calibrations(self, cache_dir: Path) -> list[str]:
+        """Use every stored calibration that matches this model and the tasks as they are now;
+        returns the names of the calibrated tasks."""
+        for task in self.tasks:
+            if task.kind != "classify":
+                continue
+            path = calibration.calibration_path(cache_dir, self.backend.model_id, task.name)
+            cal = calibration.load(path, task)
+            if cal is not None:
+                self.calibrations[task.name] = cal
+        return sorted(self.calibrations)
 
     # -- classification ----------------------------------------------------------------------
     def classify_prompt(self, task: TaskSpec, text: str) -> Prompt:
@@ -114,10 +132,14 @@ class TaskService:
         prompt = self.classify_prompt(task, text)
         return ClassifyJob(task, self.backend.score_choices(prompt, task.labels))
 
-    @staticmethod
-    def classify_result(job: ClassifyJob, finished: Finished) -> ClassifyResult:
-        """Normalise label log-probabilities into probabilities over the labels."""
-        logps = finished.result
+    def classify_result(
+        self, job: ClassifyJob, finished: Finished, calibrated: bool = True
+    ) -> ClassifyResult:
+        """Normalise label log-probabilities (biased by the task's calibration, if any and
+        ``calibrated``) into probabilities over the labels."""
+        raw = list(finished.result)
+        cal = self.calibrations.get(job.task.name) if calibrated else None
+        logps = cal.apply(job.task.labels, raw) if cal else raw
         top = max(logps)
         exps = [math.exp(lp - top) for lp in logps]
         total = sum(exps)
@@ -131,6 +153,8 @@ class TaskService:
             latency_ms=(time.perf_counter() - job.started) * 1000,
             prompt_tokens=finished.usage.prompt_tokens,
             cached_tokens=finished.usage.cached_tokens,
+            logprobs=raw,
+            calibrated=cal is not None,
         )
 
     def submit_many(self, task_name: str, texts: list[str]) -> list[ClassifyJob]:

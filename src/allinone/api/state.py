@@ -45,6 +45,9 @@ class ServerState:
         self.service = TaskService(
             backend, self.tasks, default_max_tokens=self.settings.server.default_max_tokens
         )
+        calibrated = self.service.load_calibrations(self.settings.model.cache_dir)
+        if calibrated:
+            log.info("calibrated tasks: %s", ", ".join(calibrated))
         self.load_seconds = time.perf_counter() - t0
         self.ready.set()
         log.info("ready: model %s loaded in %.2f s", backend.model_id, self.load_seconds)
