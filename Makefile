@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 export ALLINONE_CACHE_DIR := $(CACHE_DIR)
 PIP := $(PY) -m pip --disable-pip-version-check
 
-.PHONY: setup setup-dev model models-test serve test test-fast lint format bench clean
+.PHONY: setup setup-dev model models-test serve test test-fast lint format bench bench-classify clean
 
 $(VENV)/.stamp-runtime: requirements.txt pyproject.toml scripts/build-llama-wheel.sh
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,11 @@ $(VENV)/.stamp-runtime: requirements.txt pyproject.toml scripts/build-llama-whee
 
 $(VENV)/.stamp-dev: $(VENV)/.stamp-runtime requirements-dev.txt
 	$(PIP) install -q -r requirements-dev.txt
+	touch $@
+
+# The original design's stack (torch CPU + transformers), for benchmarks only.
+$(VENV)/.stamp-torch: $(VENV)/.stamp-dev requirements-torch.txt
+	$(PIP) install -q -r requirements-torch.txt
 	touch $@
 
 setup: $(VENV)/.stamp-runtime
@@ -54,6 +59,9 @@ format: setup-dev
 
 bench: setup-dev model
 	$(PY) benchmarks/bench_foundation.py
+
+bench-classify: $(VENV)/.stamp-torch model
+	$(PY) benchmarks/bench_classify.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -45,9 +45,13 @@ class Calibration:
 def task_hash(task: TaskSpec) -> str:
     """Changes whenever anything that shapes the label scores changes."""
     basis = json.dumps(
-        {"system": task.system, "labels": task.labels,
-         "examples": [e.model_dump() for e in task.examples]},
-        ensure_ascii=False, sort_keys=True,
+        {
+            "system": task.system,
+            "labels": task.labels,
+            "examples": [e.model_dump() for e in task.examples],
+        },
+        ensure_ascii=False,
+        sort_keys=True,
     )
     return hashlib.sha256(basis.encode()).hexdigest()[:16]
 
@@ -75,8 +79,12 @@ def load(path: Path, task: TaskSpec) -> Calibration | None:
         log.warning("ignoring unreadable calibration %s: %s", path, exc)
         return None
     if cal.task_hash != task_hash(task) or set(cal.bias) != set(task.labels):
-        log.warning("ignoring calibration %s: task %r changed since it was fitted; run "
-                    "`allinone calibrate` again", path, task.name)
+        log.warning(
+            "ignoring calibration %s: task %r changed since it was fitted; run "
+            "`allinone calibrate` again",
+            path,
+            task.name,
+        )
         return None
     return cal
 

@@ -73,7 +73,21 @@ def cmd_classify(args: argparse.Namespace) -> int:
     finally:
         service.backend.close()
     for r in results:
-        print(json.dumps(r.to_dict(), ensure_ascii=False) if args.json else r.label)
+        plain = r.label if r.category is None else f"{r.label} ({r.category})"
+        print(json.dumps(r.to_dict(), ensure_ascii=False) if args.json else plain)
+    return 0
+
+
+def cmd_extract(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    service = _service(settings)
+    try:
+        texts = [sys.stdin.read()] if args.text == ["-"] else args.text
+        for text in texts:
+            r = service.extract(args.task, text)
+            print(json.dumps(r.to_dict() if args.json else r.output, ensure_ascii=False))
+    finally:
+        service.backend.close()
     return 0
 
 
@@ -81,8 +95,10 @@ def cmd_chat(args: argparse.Namespace) -> int:
     settings = _settings(args)
     service = _service(settings)
     task = service.tasks.get(args.task)
-    if task.kind == "classify":
-        print(f"task {task.name!r} is a classifier; use: allinone classify", file=sys.stderr)
+    if task.kind != "chat":
+        print(
+            f"task {task.name!r} is a {task.kind} task; use: allinone {task.kind}", file=sys.stderr
+        )
         return 2
     history: list[dict[str, str]] = []
     if args.system:
@@ -134,13 +150,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
     try:
         task = service.classify_task(args.task)
         rows = read_labelled(args.file, task, args.limit)
-        report = evaluate(service, args.task, rows, batch=args.batch, repeat=args.repeat,
-                          progress=not args.json and sys.stderr.isatty() or args.progress,
-                          file=str(args.file))
+        report = evaluate(
+            service,
+            args.task,
+            rows,
+            batch=args.batch,
+            repeat=args.repeat,
+            progress=(not args.json and sys.stderr.isatty()) or args.progress,
+            file=str(args.file),
+        )
     finally:
         service.backend.close()
-    print(json.dumps(report.to_dict(), ensure_ascii=False) if args.json
-          else format_report(report))
+    print(json.dumps(report.to_dict(), ensure_ascii=False) if args.json else format_report(report))
     return 0 if report.consistent in (None, True) else 1
 
 
@@ -155,8 +176,14 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     try:
         task = service.classify_task(args.task)
         rows = read_labelled(args.file, task, args.limit)
-        report = evaluate(service, args.task, rows, batch=args.batch,
-                          progress=sys.stderr.isatty(), file=str(args.file))
+        report = evaluate(
+            service,
+            args.task,
+            rows,
+            batch=args.batch,
+            progress=sys.stderr.isatty(),
+            file=str(args.file),
+        )
     finally:
         service.backend.close()
     logps = np.array(report.logprobs)
@@ -165,15 +192,23 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     pred = [task.labels[i] for i in np.argmax(logps + bias, axis=1)]
     after = score_predictions(task.labels, report.gold, pred)
     cal = calibration.new_calibration(
-        task, service.backend.model_id, bias, fitted_on=str(args.file), n=len(rows),
-        accuracy_before=report.raw.accuracy, accuracy_after=after.accuracy,
+        task,
+        service.backend.model_id,
+        bias,
+        fitted_on=str(args.file),
+        n=len(rows),
+        accuracy_before=report.raw.accuracy,
+        accuracy_after=after.accuracy,
     )
     out = args.out or calibration.calibration_path(
-        settings.model.cache_dir, service.backend.model_id, task.name)
+        settings.model.cache_dir, service.backend.model_id, task.name
+    )
     calibration.save(cal, out)
     print(f"bias {', '.join(f'{k} {v:+.3f}' for k, v in cal.bias.items())}")
-    print(f"accuracy on {len(rows)} texts of {args.file}: {report.raw.accuracy:.4f} -> "
-          f"{after.accuracy:.4f} (fitted on these texts)")
+    print(
+        f"accuracy on {len(rows)} texts of {args.file}: {report.raw.accuracy:.4f} -> "
+        f"{after.accuracy:.4f} (fitted on these texts)"
+    )
     print(f"saved {out}; `allinone eval`, `classify` and `serve` with this model use it")
     return 0
 
@@ -272,6 +307,16 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--json", action="store_true", help="print one JSON object per text")
     c.set_defaults(func=cmd_classify)
 
+    x = sub.add_parser(
+        "extract",
+        parents=[common],
+        help="answer an extract task (e.g. summarize) as JSON; '-' reads stdin",
+    )
+    x.add_argument("text", nargs="+", help="text(s), or '-' for all of stdin as one text")
+    x.add_argument("--task", default="summarize", help="extract task (default summarize)")
+    x.add_argument("--json", action="store_true", help="include task name and latency")
+    x.set_defaults(func=cmd_extract)
+
     ch = sub.add_parser("chat", parents=[common], help="interactive terminal chat")
     ch.add_argument("--task", default="chat", help="chat task (default chat)")
     ch.add_argument("--system", help="system prompt instead of the task's")
@@ -288,8 +333,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--progress", action="store_true", help="progress bar even when not a tty")
     e.set_defaults(func=cmd_eval)
 
-    cb = sub.add_parser("calibrate", parents=[common],
-                        help="fit per-label biases on a labelled dev TSV and store them")
+    cb = sub.add_parser(
+        "calibrate",
+        parents=[common],
+        help="fit per-label biases on a labelled dev TSV and store them",
+    )
     cb.add_argument("file", type=Path, help="label<TAB>text dev file (never the test set)")
     cb.add_argument("--task", default="sentiment")
     cb.add_argument("--limit", type=int)
@@ -322,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return int(args.func(args) or 0)
-    except (ModelFetchError, TaskError, BackendError, ValueError) as exc:
+    except (ModelFetchError, TaskError, BackendError, ValueError, OSError) as exc:
         print(f"allinone: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

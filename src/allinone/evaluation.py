@@ -115,9 +115,11 @@ class EvalReport:
             "macro_f1": round(head.macro_f1, 4),
             "confusion": head.confusion,
             "calibrated": self.calibrated is not None,
-            "uncalibrated": {"accuracy": round(self.raw.accuracy, 4),
-                             "macro_f1": round(self.raw.macro_f1, 4),
-                             "confusion": self.raw.confusion},
+            "uncalibrated": {
+                "accuracy": round(self.raw.accuracy, 4),
+                "macro_f1": round(self.raw.macro_f1, 4),
+                "confusion": self.raw.confusion,
+            },
             "latency_ms": {k: round(v, 2) for k, v in self.latency_ms.items()},
             "texts_per_s": round(self.texts_per_s, 2),
             "batch": self.batch,
@@ -221,18 +223,26 @@ def format_report(report: EvalReport) -> str:
         block("calibrated", report.calibrated)
     head = report.headline()
     width = max(6, *(len(x) for x in report.labels)) + 2
-    lines.append("confusion (rows: gold, columns: predicted)" +
-                 (" - calibrated" if report.calibrated else ""))
+    lines.append(
+        "confusion (rows: gold, columns: predicted)"
+        + (" - calibrated" if report.calibrated else "")
+    )
     lines.append(" " * width + "".join(f"{lab:>{width}}" for lab in report.labels))
     for g in report.labels:
-        lines.append(f"{g:<{width}}" + "".join(f"{head.confusion[g][p]:>{width}}"
-                                              for p in report.labels))
+        lines.append(
+            f"{g:<{width}}" + "".join(f"{head.confusion[g][p]:>{width}}" for p in report.labels)
+        )
     lat = report.latency_ms
-    lines.append(f"latency ms   p50 {lat['p50']:.1f}   p95 {lat['p95']:.1f}   p99 {lat['p99']:.1f}"
-                 f"   ({report.batch} texts in flight)")
+    lines.append(
+        f"latency ms   p50 {lat['p50']:.1f}   p95 {lat['p95']:.1f}   p99 {lat['p99']:.1f}"
+        f"   ({report.batch} texts in flight)"
+    )
     lines.append(f"throughput   {report.texts_per_s:.2f} texts/s")
     if report.repeat > 1:
-        verdict = "every text got the same label" if report.consistent else (
-            f"{report.inconsistent_texts} texts changed label")
+        verdict = (
+            "every text got the same label"
+            if report.consistent
+            else (f"{report.inconsistent_texts} texts changed label")
+        )
         lines.append(f"repeat x{report.repeat}   {verdict}")
     return "\n".join(lines)

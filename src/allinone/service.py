@@ -5,15 +5,22 @@ Nothing here knows which engine runs the model; the CLI and the HTTP API both go
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-
 from pathlib import Path
 
 from allinone import calibration
-from allinone.backends.base import Backend, Finished, GenerationParams, Prompt, RequestHandle
+from allinone.backends.base import (
+    Backend,
+    Finished,
+    GenerationParams,
+    Prompt,
+    RequestHandle,
+    Segment,
+)
 from allinone.tasks import TaskError, TaskRegistry, TaskSpec
 
 # Chat templates wrap each message in markup (ChatML: <|im_start|>, role, newlines, <|im_end|>);
@@ -33,15 +40,37 @@ class ClassifyResult:
     cached_tokens: int = 0
     logprobs: list[float] = field(default_factory=list)
     calibrated: bool = False
+    flagged: bool | None = None
+    category: str | None = None
 
     def to_dict(self) -> dict:
-        """The JSON shape used by the CLI and the API."""
-        return {
+        """The JSON shape used by the CLI and the API (screening fields only when set)."""
+        out = {
             "task": self.task,
             "label": self.label,
             "scores": self.scores,
             "latency_ms": round(self.latency_ms, 2),
         }
+        if self.flagged is not None:
+            out["flagged"] = self.flagged
+            if self.category is not None:
+                out["category"] = self.category
+        return out
+
+
+@dataclass
+class ExtractResult:
+    """An extract task's answer: a JSON object whose keys are the task's fields."""
+
+    task: str
+    output: dict[str, str]
+    latency_ms: float
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    def to_dict(self) -> dict:
+        """The JSON shape used by the CLI and the API."""
+        return {"task": self.task, "output": self.output, "latency_ms": round(self.latency_ms, 2)}
 
 
 @dataclass
@@ -169,19 +198,84 @@ class TaskService:
             raise
         return jobs
 
+    def _flag(self, task_name: str, results: list[ClassifyResult]) -> list[int]:
+        """Mark screening results as flagged; the indices that still need a category."""
+        task = self.tasks.get(task_name)
+        if task.flag_unless is None:
+            return []
+        for r in results:
+            r.flagged = r.label != task.flag_unless
+        return [i for i, r in enumerate(results) if r.flagged and task.category_task]
+
     def classify(self, task_name: str, texts: list[str]) -> list[ClassifyResult]:
-        """Classify texts (all queued at once so the engine can batch them); blocking."""
+        """Classify texts (all queued at once so the engine can batch them); blocking.
+        Flagged texts of a screening task get a category from its category task."""
         jobs = self.submit_many(task_name, texts)
-        return [self.classify_result(j, j.handle.result()) for j in jobs]
+        results = [self.classify_result(j, j.handle.result()) for j in jobs]
+        need = self._flag(task_name, results)
+        if need:
+            cats = self.classify(self.tasks.get(task_name).category_task, [texts[i] for i in need])
+            for i, c in zip(need, cats, strict=True):
+                results[i].category = c.label
+        return results
 
     async def classify_async(self, task_name: str, texts: list[str]) -> list[ClassifyResult]:
         """Async form of ``classify``; cancels outstanding work if the caller goes away."""
         jobs = self.submit_many(task_name, texts)
         try:
-            return [self.classify_result(j, await j.handle.result_async()) for j in jobs]
+            results = [self.classify_result(j, await j.handle.result_async()) for j in jobs]
         finally:
             for j in jobs:
                 j.handle.cancel()  # no-op for finished ones
+        need = self._flag(task_name, results)
+        if need:
+            cat_task = self.tasks.get(task_name).category_task
+            cats = await self.classify_async(cat_task, [texts[i] for i in need])
+            for i, c in zip(need, cats, strict=True):
+                results[i].category = c.label
+        return results
+
+    # -- extraction --------------------------------------------------------------------------
+    def extract(self, task_name: str, text: str) -> ExtractResult:
+        """Answer an extract task as JSON, one field at a time, so the answer always parses.
+
+        The assistant's reply is written as ``{"field": "`` ...: a text field is generated
+        after its opening quote until the model closes it (or its cap), a label field is
+        scored like a classification at that point. Values are escaped by ``json.dumps``."""
+        task = self.tasks.get(task_name)
+        if task.kind != "extract":
+            raise TaskError(f"task {task_name!r} is a {task.kind} task, not an extract task")
+        started = time.perf_counter()
+        messages = [{"role": "system", "content": task.system}]
+        for ex in task.examples:
+            messages += [
+                {"role": "user", "content": ex.input},
+                {"role": "assistant", "content": ex.output},
+            ]
+        messages.append({"role": "user", "content": task.prepare_input(text)})
+        base = self.backend.render_chat(messages, n_prefix_messages=len(messages) - 1)
+        output: dict[str, str] = {}
+        usage_prompt = usage_gen = 0
+        for i, fld in enumerate(task.fields):
+            # The reply so far, ending just inside the opening quote of this field's value.
+            partial = json.dumps(output, ensure_ascii=False)[:-1] if output else "{"
+            partial += (", " if output else "") + json.dumps(fld.name) + ': "'
+            prompt = Prompt(base.prefix, (*base.body, Segment(partial, special=False)))
+            if fld.type == "label":
+                fin = self.backend.score_choices(prompt, fld.labels).result()
+                value = fld.labels[max(range(len(fld.labels)), key=lambda k: fin.result[k])]
+            else:
+                params = GenerationParams(
+                    max_tokens=fld.max_tokens, stop=['"', "\n"], max_chars=fld.max_chars
+                )
+                fin = self.backend.generate(prompt, params).result()
+                value = fin.result.strip() if isinstance(fin.result, str) else ""
+            output[fld.name] = value
+            usage_prompt += fin.usage.prompt_tokens if i == 0 else 0
+            usage_gen += fin.usage.completion_tokens
+        return ExtractResult(
+            task.name, output, (time.perf_counter() - started) * 1000, usage_prompt, usage_gen
+        )
 
     # -- chat --------------------------------------------------------------------------------
     def plan_chat(

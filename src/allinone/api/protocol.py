@@ -138,11 +138,13 @@ class ClassifyRequest(BaseModel):
 
 
 class ClassifyItem(BaseModel):
-    """One classified text."""
+    """One classified text; ``flagged`` is set for screening tasks (label != their safe one)."""
 
     index: int
     label: str
     scores: dict[str, float]
+    flagged: bool | None = None
+    category: str | None = None
 
 
 class ClassifyUsage(BaseModel):
@@ -160,4 +162,23 @@ class ClassifyResponse(BaseModel):
     model: str
     results: list[ClassifyItem]
     usage: ClassifyUsage
+    latency_ms: float
+
+
+class ExtractRequest(BaseModel):
+    """POST /v1/extract: one text for an extract task."""
+
+    model_config = ConfigDict(extra="forbid")
+    task: str = Field("summarize", min_length=1, description="An extract task's name")
+    input: str = Field(description="The text (e.g. a transcript) to extract from")
+
+
+class ExtractResponse(BaseModel):
+    """The task's JSON answer (always valid JSON, keys = the task's fields)."""
+
+    object: Literal["extraction"] = "extraction"
+    task: str
+    model: str
+    output: dict[str, str]
+    usage: UsageInfo
     latency_ms: float

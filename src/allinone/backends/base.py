@@ -69,7 +69,8 @@ class Usage:
 
 @dataclass
 class Finished:
-    """Final event of a request: why it stopped, its usage, and (scoring) its result."""
+    """Final event of a request: why it stopped, its usage, and its result (scoring: one
+    log-probability per choice; generation: the whole reply text)."""
 
     reason: Literal["stop", "length", "cancelled"]
     usage: Usage

@@ -458,4 +458,6 @@ class Scheduler:
             completion_tokens=req.n_generated,
             cached_tokens=req.cached_tokens,
         )
+        if req.kind == "generate":
+            result = req.text  # the whole reply, for callers that do not stream
         req.handle.finish(Finished(reason, usage, result))

@@ -51,12 +51,32 @@ class OutputLimits(BaseModel):
     )
 
 
+class OutputField(BaseModel):
+    """One key of an extract task's JSON answer: free text (generated, capped) or a label
+    (scored, so always one of ``labels``)."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+    type: Literal["text", "label"]
+    labels: list[str] = Field(default_factory=list)
+    max_chars: int = Field(200, ge=1, le=10000, description="Text fields: longest value")
+    max_tokens: int = Field(128, ge=1, le=4096, description="Text fields: most tokens generated")
+
+    @model_validator(mode="after")
+    def _check(self) -> OutputField:
+        if self.type == "label" and len(set(self.labels)) < 2:
+            raise ValueError(f"label field {self.name!r} needs at least two distinct labels")
+        if self.type == "text" and self.labels:
+            raise ValueError(f"text field {self.name!r} takes no labels")
+        return self
+
+
 class TaskSpec(BaseModel):
     """One task: a system prompt plus either labels to choose from or a chat/generation setup."""
 
     model_config = ConfigDict(extra="forbid")
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9_.-]{0,63}$")
-    kind: Literal["classify", "chat", "generate"]
+    kind: Literal["classify", "chat", "extract"]
     description: str = ""
     system: str = Field(min_length=1, description="System prompt; the cached task prefix")
     labels: list[str] = Field(default_factory=list)
@@ -70,6 +90,15 @@ class TaskSpec(BaseModel):
         1024, ge=16, le=32768, description="Chat: token budget for past turns; oldest dropped first"
     )
     temperature: float = Field(0.0, ge=0.0, le=2.0, description="Default sampling temperature")
+    fields: list[OutputField] = Field(
+        default_factory=list, description="Extract: the keys of the JSON answer, in order"
+    )
+    flag_unless: str | None = Field(
+        None, description="Classify: answers other than this label are reported as flagged"
+    )
+    category_task: str | None = Field(
+        None, description="Classify: a classify task that names the category of flagged texts"
+    )
 
     @model_validator(mode="after")
     def _check_kind(self) -> TaskSpec:
@@ -86,8 +115,18 @@ class TaskSpec(BaseModel):
             bad = [ex.output for ex in self.examples if ex.output not in self.labels]
             if bad:
                 raise ValueError(f"example outputs must be labels; got {bad}")
+            if self.flag_unless is not None and self.flag_unless not in self.labels:
+                raise ValueError(f"flag_unless {self.flag_unless!r} is not one of the labels")
+            if self.category_task is not None and self.flag_unless is None:
+                raise ValueError("category_task needs flag_unless (which label is not flagged)")
         elif self.labels:
             raise ValueError(f"a {self.kind} task has no labels")
+        if self.kind == "extract" and not self.fields:
+            raise ValueError("an extract task needs at least one [[fields]] entry")
+        if self.kind != "extract" and self.fields:
+            raise ValueError(f"a {self.kind} task has no fields")
+        if len({f.name for f in self.fields}) != len(self.fields):
+            raise ValueError("field names must be distinct")
         return self
 
     def prepare_input(self, text: str) -> str:

@@ -6,6 +6,7 @@ system prompt, history budget and reply caps; a classify task answers with one o
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -80,8 +81,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     service: TaskService = state.require_service()
     task = _resolve_task(service, body.model)
     messages = _messages(body)
-    if task is not None and task.kind == "classify":
-        return await _classify_as_chat(service, task, messages, body)
+    if task is not None and task.kind in ("classify", "extract"):
+        return await _answer_as_chat(service, task, messages, body)
     try:
         plan = service.plan_chat(
             task,
@@ -171,24 +172,31 @@ async def _stream(handle, model: str, include_usage: bool) -> AsyncIterator[str]
         handle.cancel()
 
 
-async def _classify_as_chat(
+async def _answer_as_chat(
     service: TaskService,
     task: TaskSpec,
     messages: list[dict[str, str]],
     body: ChatCompletionRequest,
 ):
-    """A classify task through the chat API: the last user message is classified and the
-    reply is exactly one label."""
+    """A classify or extract task through the chat API: the last user message is the input;
+    the reply is exactly one label, or the extract task's JSON."""
     if messages[-1]["role"] != "user":
         raise InvalidRequestError("the last message must come from the user", param="messages")
+    text = messages[-1]["content"]
     try:
-        (result,) = await service.classify_async(task.name, [messages[-1]["content"]])
+        if task.kind == "classify":
+            (result,) = await service.classify_async(task.name, [text])
+            answer, n_prompt, n_gen = result.label, result.prompt_tokens, 1
+        else:
+            ext = await asyncio.to_thread(service.extract, task.name, text)
+            answer = json.dumps(ext.output, ensure_ascii=False)
+            n_prompt, n_gen = ext.prompt_tokens, ext.completion_tokens
     except TaskError as exc:
+        if exc.param is None:
+            exc.param = "messages"
         raise to_api_error(exc) from exc
     usage = UsageInfo(
-        prompt_tokens=result.prompt_tokens,
-        completion_tokens=1,
-        total_tokens=result.prompt_tokens + 1,
+        prompt_tokens=n_prompt, completion_tokens=n_gen, total_tokens=n_prompt + n_gen
     )
     if body.stream:
         cid, created = completion_id(), int(time.time())
@@ -200,24 +208,14 @@ async def _classify_as_chat(
                 "created": created,
                 "model": body.model,
             }
-            yield _sse(
-                {
-                    **base,
-                    "choices": [
-                        {
-                            "index": 0,
-                            "finish_reason": None,
-                            "delta": {"role": "assistant", "content": result.label},
-                        }
-                    ],
-                }
-            )
+            delta = {"role": "assistant", "content": answer}
+            yield _sse({**base, "choices": [{"index": 0, "delta": delta, "finish_reason": None}]})
             yield _sse({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(one(), media_type="text/event-stream")
     return ChatCompletionResponse(
         model=body.model,
-        choices=[Choice(message=ChatCompletionMessage(content=result.label), finish_reason="stop")],
+        choices=[Choice(message=ChatCompletionMessage(content=answer), finish_reason="stop")],
         usage=usage,
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 from fastapi import APIRouter, Request
@@ -11,6 +12,9 @@ from allinone.api.protocol import (
     ClassifyRequest,
     ClassifyResponse,
     ClassifyUsage,
+    ExtractRequest,
+    ExtractResponse,
+    UsageInfo,
 )
 from allinone.errors import InvalidRequestError, to_api_error
 from allinone.tasks import TaskError
@@ -21,6 +25,7 @@ router = APIRouter(tags=["tasks"])
 @router.post(
     "/v1/classify",
     response_model=ClassifyResponse,
+    response_model_exclude_none=True,
     summary="Classify one text or a list of texts with a classify task; labels are constrained",
 )
 async def classify(body: ClassifyRequest, request: Request) -> ClassifyResponse:
@@ -47,13 +52,44 @@ async def classify(body: ClassifyRequest, request: Request) -> ClassifyResponse:
         task=body.task,
         model=service.backend.model_id,
         results=[
-            ClassifyItem(index=i, label=r.label, scores=r.scores) for i, r in enumerate(results)
+            ClassifyItem(
+                index=i, label=r.label, scores=r.scores, flagged=r.flagged, category=r.category
+            )
+            for i, r in enumerate(results)
         ],
         usage=ClassifyUsage(
             prompt_tokens=sum(r.prompt_tokens for r in results),
             cached_tokens=sum(r.cached_tokens for r in results),
         ),
         latency_ms=round((time.perf_counter() - t0) * 1000, 2),
+    )
+
+
+@router.post(
+    "/v1/extract",
+    response_model=ExtractResponse,
+    summary="Run an extract task (e.g. summarize): a JSON answer that always parses",
+)
+async def extract(body: ExtractRequest, request: Request) -> ExtractResponse:
+    state = request.app.state.server
+    service = state.require_service()
+    try:
+        # Fields run one after another; a worker thread waits so the event loop never does.
+        result = await asyncio.to_thread(service.extract, body.task, body.input)
+    except TaskError as exc:
+        if exc.param is None:
+            exc.param = "input"
+        raise to_api_error(exc) from exc
+    return ExtractResponse(
+        task=result.task,
+        model=service.backend.model_id,
+        output=result.output,
+        usage=UsageInfo(
+            prompt_tokens=result.prompt_tokens,
+            completion_tokens=result.completion_tokens,
+            total_tokens=result.prompt_tokens + result.completion_tokens,
+        ),
+        latency_ms=round(result.latency_ms, 2),
     )
 
 

@@ -1,0 +1,80 @@
+"""`allinone eval` and `allinone calibrate` on real files with the real default model."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+SHARED = Path(__file__).resolve().parents[3] / "shared" / "data" / "sentiment"
+DEV = SHARED / "chnsenticorp" / "dev_clean.tsv"
+
+
+def run(*args, env=None):
+    return subprocess.run(
+        [sys.executable, "-m", "allinone", *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "ALLINONE_THREADS": "2", **(env or {})},
+    )
+
+
+def test_eval_json_has_the_promised_fields_and_repeat_is_consistent(tmp_path):
+    r = run(
+        "eval",
+        "--task",
+        "sentiment",
+        str(DEV),
+        "--limit",
+        "16",
+        "--json",
+        "--repeat",
+        "2",
+        env={"ALLINONE_CACHE_DIR": str(tmp_path), "ALLINONE_MODEL": str(_default())},
+    )
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    assert report["n"] == 16
+    assert 0.5 <= report["accuracy"] <= 1.0
+    assert 0.0 <= report["macro_f1"] <= 1.0
+    assert report["latency_ms"]["p50"] > 0 and report["texts_per_s"] > 0
+    assert sum(sum(row.values()) for row in report["confusion"].values()) == 16
+    assert report["consistent"] is True and report["calibrated"] is False
+
+
+def test_calibrate_writes_a_file_that_eval_then_uses(tmp_path):
+    env = {"ALLINONE_CACHE_DIR": str(tmp_path), "ALLINONE_MODEL": str(_default())}
+    r = run("calibrate", "--task", "sentiment", str(DEV), "--limit", "24", env=env)
+    assert r.returncode == 0, r.stderr
+    files = list((tmp_path / "calibration").rglob("sentiment.json"))
+    assert len(files) == 1
+    saved = json.loads(files[0].read_text())
+    assert set(saved["bias"]) == {"正面", "负面"} and saved["n"] == 24
+    r = run("eval", "--task", "sentiment", str(DEV), "--limit", "24", "--json", env=env)
+    report = json.loads(r.stdout)
+    assert report["calibrated"] is True
+    assert report["accuracy"] >= report["uncalibrated"]["accuracy"]  # fitted on these texts
+    r = run(
+        "eval",
+        "--task",
+        "sentiment",
+        str(DEV),
+        "--limit",
+        "8",
+        "--json",
+        "--no-calibration",
+        env=env,
+    )
+    assert json.loads(r.stdout)["calibrated"] is False
+
+
+def test_eval_of_a_missing_file_is_a_clear_error():
+    r = run("eval", "--task", "sentiment", "/nonexistent.tsv")
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "nonexistent" in r.stderr
+
+
+def _default() -> Path:
+    from allinone.models import ensure_model
+
+    return ensure_model("default")

@@ -1,0 +1,73 @@
+"""More tasks on the same model, from task files alone: triage, safety screening, summaries."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from allinone.evaluation import evaluate, read_labelled
+
+DATA = Path(__file__).resolve().parents[1] / "data"
+
+
+def test_triage_on_its_labelled_sample(service):
+    task = service.tasks.get("triage")
+    rows = read_labelled(DATA / "triage.tsv", task)
+    assert len(rows) >= 20
+    report = evaluate(service, "triage", rows, progress=False)
+    # Measured 0.708 (17/24) with the default model (it leans to 紧急); the floor allows one
+    # text to move. See the README's figures.
+    assert report.raw.accuracy >= 16 / 24, report.raw.confusion
+
+
+def test_safety_screen_flags_harmful_and_passes_safe(service):
+    task = service.tasks.get("safety")
+    rows = read_labelled(DATA / "safety.tsv", task)
+    assert len(rows) >= 20
+    results = service.classify("safety", [r.text for r in rows])
+    flagged_right = sum(
+        (res.label != task.flag_unless) == (row.label != task.flag_unless)
+        for res, row in zip(results, rows, strict=True)
+    )
+    # safe vs flagged is the decision that matters; measured 19/24 with the default model.
+    assert flagged_right >= 18, [(r.text[:20], x.label) for r, x in zip(rows, results, strict=True)]
+    for res in results:
+        assert res.flagged == (res.label != "safe")
+        if res.flagged:
+            assert res.category in service.tasks.get("safety-category").labels
+        else:
+            assert res.category is None
+
+
+def test_summaries_always_parse_and_respect_their_caps(service):
+    task = service.tasks.get("summarize")
+    emotion = next(f for f in task.fields if f.name == "emotion")
+    summary = next(f for f in task.fields if f.name == "summary")
+    rows = _transcripts()
+    assert len(rows) >= 20
+    correct = 0
+    for gold, text in rows:
+        result = service.extract("summarize", text)
+        parsed = json.loads(json.dumps(result.output, ensure_ascii=False))
+        assert set(parsed) == {"summary", "emotion"}
+        assert parsed["emotion"] in emotion.labels
+        assert 0 < len(parsed["summary"]) <= summary.max_chars
+        correct += parsed["emotion"] == gold
+    # The emotion is a 5-way label from a 0.5B model; measured 8/20 (chance is 4/20).
+    assert correct >= 7
+
+
+def _transcripts() -> list[tuple[str, str]]:
+    """(gold emotion, transcript) pairs."""
+    out = []
+    for line in (DATA / "summarize.tsv").read_text(encoding="utf-8").splitlines()[1:]:
+        gold, _, text = line.partition("\t")
+        out.append((gold, text))
+    return out
+
+
+def test_extract_is_refused_for_other_task_kinds(service):
+    from allinone.tasks import TaskError
+
+    with pytest.raises(TaskError, match="not an extract task"):
+        service.extract("sentiment", "hi")
