@@ -177,9 +177,8 @@ def run_list32(rows, threads):
     import httpx
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from conftest import ServerProcess
-
     from allinone.models import ensure_model
+    from conftest import ServerProcess
 
     srv = ServerProcess(str(ensure_model("default")), {"ALLINONE_THREADS": str(threads)})
     srv.wait_ready()

@@ -129,7 +129,8 @@ class ServerProcess:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited early:\n{self.output()}")
             try:
-                if httpx.get(f"{self.url}/ready", timeout=2).status_code == 200:
+                # /health says when the model is loaded, even if /ready refuses (memory limit).
+                if httpx.get(f"{self.url}/health", timeout=2).json().get("ready"):
                     return
             except httpx.HTTPError:
                 pass

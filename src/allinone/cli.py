@@ -48,16 +48,30 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from allinone.api import create_app
+    from allinone.observability.logs import configure_json_logging
 
     settings = _settings(args)
     app = create_app(settings)
-    uvicorn.run(
+    state = app.state.server
+
+    class DrainingServer(uvicorn.Server):
+        """On SIGTERM/SIGINT: refuse new work and fail /ready at once, let requests in flight
+        finish (up to the drain timeout), then exit 0."""
+
+        def handle_exit(self, sig, frame) -> None:
+            state.draining = True
+            super().handle_exit(sig, frame)
+
+    config = uvicorn.Config(
         app,
         host=settings.server.host,
         port=settings.server.port,
         log_level=settings.server.log_level,
-        timeout_graceful_shutdown=30,
+        log_config=None,
+        timeout_graceful_shutdown=int(settings.server.drain_timeout_s),
     )
+    configure_json_logging(settings.server.log_level)
+    DrainingServer(config).run()
     return 0
 
 

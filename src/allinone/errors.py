@@ -73,6 +73,12 @@ class OverloadedError(APIError):
     status, type, code = 503, "overloaded_error", "overloaded"
 
 
+class GatewayTimeoutError(APIError):
+    """504: the request ran longer than the server's request timeout."""
+
+    status, type, code = 504, "timeout_error", "timeout"
+
+
 class NotReadyError(APIError):
     """503: the model is still loading (or failed to load)."""
 
@@ -152,6 +158,15 @@ def register_exception_handlers(app: FastAPI) -> None:
     async def _known(_: Request, exc: Exception) -> JSONResponse:
         return error_response(to_api_error(exc))
 
+    async def _overloaded(request: Request, exc: Exception) -> JSONResponse:
+        state = request.app.state.server
+        state.metrics.rejected.labels("queue_full").inc()
+        err = OverloadedError(str(exc), headers=state.retry_after())
+        if state.settings.server.overload_status == 429:
+            err.status, err.type, err.code = 429, "rate_limit_error", "rate_limited"
+        return error_response(err)
+
+    app.add_exception_handler(EngineOverloadedError, _overloaded)
     for known in (APIError, TaskError, PromptTooLongError, BackendError):
         app.add_exception_handler(known, _known)
 

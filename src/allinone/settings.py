@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from allinone.models.catalog import DEFAULT_MODEL
@@ -85,6 +85,40 @@ class ServerSettings(BaseSettings):
         256, ge=1, le=32768, description="Reply cap when a raw-model chat names none"
     )
     log_level: str = Field("info", description="Logging level")
+    api_keys: list[str] = Field(
+        default_factory=list, description="Accepted API keys (JSON list); empty = no auth"
+    )
+    api_key_file: Path | None = Field(None, description="File with one accepted API key a line")
+    request_timeout_s: float = Field(
+        120.0, gt=0, le=3600, description="A request running longer gets 504"
+    )
+    overload_status: int = Field(503, description="Status when the queue is full: 503 or 429")
+    retry_after_s: int = Field(1, ge=0, le=3600, description="Retry-After on 503/429")
+    drain_timeout_s: float = Field(
+        30.0, ge=0, le=3600, description="On SIGTERM, wait this long for requests"
+    )
+    memory_soft_limit_mb: int | None = Field(
+        None, ge=1, description="Above this (RSS or anon+swap) new work gets 503"
+    )
+    memory_hard_limit_mb: int | None = Field(
+        None, ge=1, description="Above this the process exits (code 3) to be restarted"
+    )
+    memory_sample_s: float = Field(10.0, gt=0, le=3600, description="Memory sampling interval")
+
+    @field_validator("overload_status")
+    @classmethod
+    def _overload_status(cls, v: int) -> int:
+        if v not in (429, 503):
+            raise ValueError("overload_status must be 503 or 429")
+        return v
+
+    def all_api_keys(self) -> set[str]:
+        """Keys from the setting and the key file together."""
+        keys = {k for k in self.api_keys if k}
+        if self.api_key_file is not None:
+            lines = self.api_key_file.read_text(encoding="utf-8").splitlines()
+            keys |= {line.strip() for line in lines if line.strip()}
+        return keys
 
 
 class Settings:

@@ -6,68 +6,16 @@ import threading
 from collections.abc import Callable
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from fastapi import Depends, FastAPI, Request
 
 from allinone import __version__
+from allinone.api.middleware import BodyLimitMiddleware, MetricsMiddleware
 from allinone.api.routes import health, openai, tasks
 from allinone.api.state import ServerState
 from allinone.backends.base import Backend
-from allinone.errors import (
-    PayloadTooLargeError,
-    envelope,
-    error_response,
-    register_exception_handlers,
-)
+from allinone.errors import AuthenticationError, envelope, register_exception_handlers
 from allinone.settings import Settings
 from allinone.tasks import TaskRegistry
-
-
-class BodyLimitMiddleware:
-    """Reads at most ``limit`` bytes of a request body; more is answered 413 before any route.
-
-    The body is read up front and replayed, so routes never see a partial body and chunked
-    uploads cannot slip past a Content-Length check."""
-
-    def __init__(self, app: ASGIApp, limit: int) -> None:
-        self.app = app
-        self.limit = limit
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
-            await self.app(scope, receive, send)
-            return
-        too_big = PayloadTooLargeError(
-            f"the request body is over {self.limit} bytes (ALLINONE_MAX_BODY_BYTES); send less"
-        )
-        for name, value in scope.get("headers", []):
-            if name == b"content-length" and value.isdigit() and int(value) > self.limit:
-                await error_response(too_big)(scope, receive, send)
-                return
-        chunks: list[bytes] = []
-        size = 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            body = message.get("body", b"")
-            size += len(body)
-            if size > self.limit:
-                await error_response(too_big)(scope, receive, send)
-                return
-            chunks.append(body)
-            if not message.get("more_body", False):
-                break
-        replayed = False
-
-        async def replay() -> Message:
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
-            return await receive()
-
-        await self.app(scope, replay, send)
 
 
 def create_app(
@@ -89,6 +37,7 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        state.sampler.start()
         loader = threading.Thread(target=state.load, name="allinone-load", daemon=True)
         loader.start()
         if not load_in_background:
@@ -117,8 +66,23 @@ def create_app(
     )
     app.state.server = state
     register_exception_handlers(app)
+
+    async def require_api_key(request: Request) -> None:
+        """With API keys configured, /v1 routes need ``Authorization: Bearer <key>``."""
+        if not state.api_keys:
+            return
+        auth = request.headers.get("authorization", "")
+        scheme, _, key = auth.partition(" ")
+        if scheme.lower() != "bearer" or key.strip() not in state.api_keys:
+            state.metrics.rejected.labels("auth").inc()
+            raise AuthenticationError(
+                "missing or wrong API key: send the header 'Authorization: Bearer <key>'",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+
     app.include_router(health.router)
-    app.include_router(openai.router)
-    app.include_router(tasks.router)
+    app.include_router(openai.router, dependencies=[Depends(require_api_key)])
+    app.include_router(tasks.router, dependencies=[Depends(require_api_key)])
     app.add_middleware(BodyLimitMiddleware, limit=settings.server.max_body_bytes)
+    app.add_middleware(MetricsMiddleware, metrics=state.metrics)
     return app

@@ -25,7 +25,13 @@ from allinone.api.protocol import (
     UsageInfo,
     completion_id,
 )
-from allinone.errors import InvalidRequestError, NotFoundError, envelope, to_api_error
+from allinone.errors import (
+    GatewayTimeoutError,
+    InvalidRequestError,
+    NotFoundError,
+    envelope,
+    to_api_error,
+)
 from allinone.service import TaskService
 from allinone.tasks import TaskError, TaskSpec
 
@@ -80,6 +86,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     state = request.app.state.server
     service: TaskService = state.require_service()
     task = _resolve_task(service, body.model)
+    request.state.task = task.name if task else "model"
+    timeout = state.settings.server.request_timeout_s
     messages = _messages(body)
     if task is not None and task.kind in ("classify", "extract"):
         return await _answer_as_chat(service, task, messages, body)
@@ -101,24 +109,24 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return StreamingResponse(
-            _stream(handle, body.model, include_usage),
+            _stream(handle, body.model, include_usage, timeout),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
-    text: list[str] = []
     try:
-        async for kind, value in handle.aevents():
-            if kind == "text":
-                text.append(value)
-            else:
-                finished = value
+        finished = await asyncio.wait_for(handle.result_async(), timeout)
+    except TimeoutError:
+        raise GatewayTimeoutError(
+            f"the reply took longer than {timeout:g} s (ALLINONE_REQUEST_TIMEOUT_S)"
+        ) from None
     finally:
-        handle.cancel()  # the client went away mid-generation: free the sequence
+        handle.cancel()  # timeout or client gone mid-generation: free the sequence
     return ChatCompletionResponse(
         model=body.model,
         choices=[
             Choice(
-                message=ChatCompletionMessage(content="".join(text)), finish_reason=finished.reason
+                message=ChatCompletionMessage(content=finished.result),
+                finish_reason=finished.reason,
             )
         ],
         usage=UsageInfo(
@@ -129,8 +137,9 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     )
 
 
-async def _stream(handle, model: str, include_usage: bool) -> AsyncIterator[str]:
+async def _stream(handle, model: str, include_usage: bool, timeout: float) -> AsyncIterator[str]:
     cid, created = completion_id(), int(time.time())
+    deadline = time.monotonic() + timeout
 
     def chunk(delta: dict, finish: str | None = None) -> dict:
         return {
@@ -144,6 +153,8 @@ async def _stream(handle, model: str, include_usage: bool) -> AsyncIterator[str]
     try:
         yield _sse(chunk({"role": "assistant", "content": ""}))
         async for kind, value in handle.aevents():
+            if time.monotonic() > deadline:
+                raise GatewayTimeoutError(f"the reply took longer than {timeout:g} s")
             if kind == "text":
                 yield _sse(chunk({"content": value}))
                 continue

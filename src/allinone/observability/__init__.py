@@ -1,0 +1,1 @@
+"""Observability: one Prometheus registry and the process memory sampler."""

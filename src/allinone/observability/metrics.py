@@ -1,0 +1,94 @@
+"""Prometheus metrics, all named ``allinone_*``, in one registry per app."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+class EngineCollector:
+    """Reads the engine's counters at scrape time (no bookkeeping on the hot path)."""
+
+    def __init__(self, stats: Callable[[], dict]) -> None:
+        self.stats = stats
+
+    def collect(self):
+        s = self.stats() or {}
+        gauges = {
+            "queue_depth": "Requests waiting for an engine sequence",
+            "active": "Sequences being prefilled or decoded",
+            "cached_prefixes": "Task prefixes held as shared KV-cache sequences",
+        }
+        for key, doc in gauges.items():
+            yield GaugeMetricFamily(f"allinone_engine_{key}", doc, value=s.get(key, 0))
+        counters = {
+            "prompt_tokens": "Prompt tokens evaluated (cached prefix tokens excluded)",
+            "generated_tokens": "Tokens generated",
+            "steps": "Engine steps (llama_decode calls)",
+            "prefix_hits": "Requests served from a cached task prefix",
+            "prefix_misses": "Requests whose prefix had to be evaluated",
+            "finished": "Engine requests finished",
+            "cancelled": "Engine requests cancelled (client gone, timeout)",
+            "failed": "Engine requests failed",
+        }
+        for key, doc in counters.items():
+            yield CounterMetricFamily(f"allinone_engine_{key}", doc, value=s.get(key, 0))
+
+
+class Metrics:
+    """Every metric the server exports."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "allinone_requests",
+            "HTTP requests by route, task and status",
+            ["route", "task", "status"],
+            registry=r,
+        )
+        self.latency = Histogram(
+            "allinone_request_latency_seconds",
+            "HTTP request latency by route and task",
+            ["route", "task"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.inflight = Gauge(
+            "allinone_inflight_requests", "HTTP requests being served", registry=r
+        )
+        self.rejected = Counter(
+            "allinone_rejected_requests",
+            "Requests refused before any work, by reason",
+            ["reason"],
+            registry=r,
+        )
+        self.load_seconds = Gauge(
+            "allinone_model_load_seconds", "Time to load the model", registry=r
+        )
+        self.ready = Gauge("allinone_ready", "1 when the model is loaded and serving", registry=r)
+        self.rss = Gauge("allinone_memory_rss_bytes", "Resident memory (VmRSS)", registry=r)
+        self.anon = Gauge(
+            "allinone_memory_rss_anon_bytes", "Anonymous resident memory (RssAnon)", registry=r
+        )
+        self.swap = Gauge("allinone_memory_swap_bytes", "Swapped-out memory (VmSwap)", registry=r)
+        self.anon_swap = Gauge(
+            "allinone_memory_anon_plus_swap_bytes",
+            "RssAnon + VmSwap: private memory, resident or not",
+            registry=r,
+        )
+
+    def watch_engine(self, stats: Callable[[], dict]) -> None:
+        """Export the engine's counters, read at scrape time."""
+        self.registry.register(EngineCollector(stats))
+
+    def record_memory(self, sample) -> None:
+        """Update the memory gauges from a MemorySample."""
+        self.rss.set(sample.rss)
+        self.anon.set(sample.rss_anon)
+        self.swap.set(sample.swap)
+        self.anon_swap.set(sample.anon_plus_swap)

@@ -1,0 +1,156 @@
+"""The server holds under overload, slow requests, bad keys and shutdown (tiny real model)."""
+
+import asyncio
+import signal
+import time
+
+import httpx
+import pytest
+
+from conftest import ServerProcess
+
+
+def chat_body(max_tokens=200, stream=False, text="Write a long story about the sea."):
+    return {
+        "model": "m",
+        "max_tokens": max_tokens,
+        "stream": stream,
+        "messages": [{"role": "user", "content": text}],
+    }
+
+
+@pytest.fixture
+def tiny_server(tiny_model_path):
+    servers = []
+
+    def start(**env):
+        srv = ServerProcess(str(tiny_model_path), {"ALLINONE_MODEL_ID": "m", **env})
+        srv.wait_ready()
+        servers.append(srv)
+        return srv
+
+    yield start
+    for srv in servers:
+        if srv.proc.poll() is None:
+            srv.stop()
+
+
+def test_api_keys(tiny_server):
+    srv = tiny_server(ALLINONE_API_KEYS='["k1", "k2"]')
+    body = {"task": "sentiment-en", "input": "great"}
+    r = httpx.post(f"{srv.url}/v1/classify", json=body)
+    assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+    r = httpx.post(f"{srv.url}/v1/classify", json=body, headers={"Authorization": "Bearer nope"})
+    assert r.status_code == 401
+    for key in ("k1", "k2"):
+        r = httpx.post(
+            f"{srv.url}/v1/classify",
+            json=body,
+            headers={"Authorization": f"Bearer {key}"},
+            timeout=60,
+        )
+        assert r.status_code == 200
+    assert httpx.get(f"{srv.url}/health").status_code == 200  # probes need no key
+    assert httpx.get(f"{srv.url}/ready").status_code == 200
+
+
+def test_overload_gets_clean_503_then_recovers(tiny_server):
+    srv = tiny_server(ALLINONE_PARALLEL="1", ALLINONE_MAX_QUEUE="2")
+
+    async def fire(n):
+        async with httpx.AsyncClient(timeout=120) as client:
+            return await asyncio.gather(
+                *[
+                    client.post(f"{srv.url}/v1/chat/completions", json=chat_body(30))
+                    for _ in range(n)
+                ]
+            )
+
+    responses = asyncio.run(fire(16))
+    codes = [r.status_code for r in responses]
+    assert set(codes) <= {200, 503, 504}  # a result, or a clean refusal/timeout
+    assert codes.count(503) >= 1 and codes.count(200) >= 1
+    for r in responses:
+        assert set(r.json()) == ({"error"} if r.status_code != 200 else set(r.json()))
+        if r.status_code == 503:
+            assert r.headers["retry-after"] == "1"
+            assert r.json()["error"]["code"] == "overloaded"
+    # back to normal afterwards
+    r = httpx.post(f"{srv.url}/v1/chat/completions", json=chat_body(5), timeout=60)
+    assert r.status_code == 200
+    metrics = httpx.get(f"{srv.url}/metrics").text
+    assert 'allinone_rejected_requests_total{reason="queue_full"}' in metrics
+
+
+def test_429_option(tiny_server):
+    srv = tiny_server(ALLINONE_PARALLEL="1", ALLINONE_MAX_QUEUE="1", ALLINONE_OVERLOAD_STATUS="429")
+
+    async def fire(n):
+        async with httpx.AsyncClient(timeout=120) as client:
+            return await asyncio.gather(
+                *[
+                    client.post(f"{srv.url}/v1/chat/completions", json=chat_body(30))
+                    for _ in range(n)
+                ]
+            )
+
+    codes = [r.status_code for r in asyncio.run(fire(10))]
+    assert 429 in codes and set(codes) <= {200, 429}
+
+
+def test_request_timeout_is_504_and_stops_decoding(tiny_server):
+    srv = tiny_server(ALLINONE_REQUEST_TIMEOUT_S="0.5", ALLINONE_PARALLEL="1")
+    r = httpx.post(f"{srv.url}/v1/chat/completions", json=chat_body(2000), timeout=60)
+    assert r.status_code == 504 and r.json()["error"]["code"] == "timeout"
+    for _ in range(100):  # the engine drops it at its next step
+        engine = httpx.get(f"{srv.url}/ready").json()["engine"]
+        if engine["active"] == 0:
+            break
+        time.sleep(0.1)
+    assert engine["active"] == 0 and engine["cancelled"] >= 1
+    assert engine["generated_tokens"] < 2000
+    r = httpx.post(f"{srv.url}/v1/chat/completions", json=chat_body(3), timeout=60)
+    assert r.status_code == 200
+
+
+def test_sigterm_drains_in_flight_requests_then_exits_0(tiny_server):
+    srv = tiny_server()
+    with (
+        httpx.Client(timeout=60) as client,
+        client.stream(
+            "POST", f"{srv.url}/v1/chat/completions", json=chat_body(120, stream=True)
+        ) as resp,
+    ):
+        lines = iter(resp.iter_lines())
+        next(lines)
+        srv.proc.send_signal(signal.SIGTERM)
+        rest = list(lines)
+    assert any('"finish_reason": "length"' in line for line in rest)  # it was allowed to finish
+    assert rest[-2:] == ["data: [DONE]", ""] or "data: [DONE]" in rest
+    assert srv.proc.wait(timeout=30) == 0
+
+
+def test_metrics_are_exported(tiny_server):
+    srv = tiny_server()
+    httpx.post(f"{srv.url}/v1/classify", json={"task": "sentiment-en", "input": "ok"}, timeout=60)
+    text = httpx.get(f"{srv.url}/metrics").text
+    for name in [
+        "allinone_requests_total",
+        "allinone_request_latency_seconds_bucket",
+        "allinone_inflight_requests",
+        "allinone_model_load_seconds",
+        "allinone_memory_rss_bytes",
+        "allinone_memory_anon_plus_swap_bytes",
+        "allinone_engine_queue_depth",
+        "allinone_engine_prompt_tokens_total",
+        "allinone_engine_generated_tokens_total",
+    ]:
+        assert name in text, name
+    assert 'route="/v1/classify",status="200",task="sentiment-en"' in text
+
+
+def test_memory_soft_limit_refuses_new_work(tiny_server):
+    srv = tiny_server(ALLINONE_MEMORY_SOFT_LIMIT_MB="1", ALLINONE_MEMORY_SAMPLE_S="0.2")
+    r = httpx.post(f"{srv.url}/v1/classify", json={"task": "sentiment-en", "input": "ok"})
+    assert r.status_code == 503 and r.json()["error"]["code"] == "memory_pressure"
+    assert httpx.get(f"{srv.url}/health").status_code == 200
