@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import subprocess
 import sys
 from pathlib import Path
 
@@ -227,6 +228,88 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
+    """`allinone serve` in a child process on a free loopback port, with the caller's flags."""
+    import socket
+    import time
+
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "allinone", "serve", "--port", str(port)]
+    if args.model:
+        cmd += ["--model", args.model]
+    for d in args.tasks_dir:
+        cmd += ["--tasks-dir", str(d)]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
+    log = open(args.out / "server.log", "w")  # noqa: SIM115 - lives as long as the server
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(600):
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited; see {args.out / 'server.log'}")
+        try:
+            if httpx.get(f"{url}/health", timeout=2).json().get("ready"):
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError("the server did not become ready in 120 s")
+
+
+def cmd_soak(args: argparse.Namespace) -> int:
+    import httpx
+
+    from allinone.soak import SoakConfig, plot, run_soak
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    proc, url, pid = None, args.url, None
+    if url is None:
+        proc, url = _start_server(args)
+        pid = proc.pid
+    try:
+        headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+        models = httpx.get(f"{url}/v1/models", headers=headers, timeout=30).json()["data"]
+        model_id = next(m["id"] for m in models if m.get("kind") == "model")
+        cfg = SoakConfig(
+            requests=args.requests,
+            concurrency=args.concurrency,
+            classify_task=args.classify_task,
+            chat_task=args.chat_task,
+            model_id=model_id,
+            warmup_fraction=args.warmup,
+            sample_every=max(1, args.requests // 400),
+            api_key=args.api_key,
+        )
+        report = run_soak(url, cfg, pid=pid, progress=sys.stderr.isatty())
+    finally:
+        if proc is not None:
+            proc.terminate()
+            proc.wait(60)
+    (args.out / "soak.json").write_text(json.dumps(report.to_dict(), indent=2))
+    plot(report, args.out / "soak.png")
+    ok = report.slope_mb_per_10k <= args.max_slope and not report.errors
+    print(
+        f"{report.requests} requests in {report.seconds} s at concurrency {report.concurrency}; "
+        f"statuses {report.by_status}"
+    )
+    print(
+        f"after {report.warmup_requests} warm-up requests: RssAnon+VmSwap slope "
+        f"{report.slope_mb_per_10k:+.3f} MB per 10k requests "
+        f"(RSS {report.slope_rss_mb_per_10k:+.3f}), growth {report.growth_after_warmup_mb:+.2f} MB,"
+        f" plateau {report.plateau}"
+    )
+    print(
+        f"report {args.out / 'soak.json'}, plot {args.out / 'soak.png'}: "
+        f"{'PASS' if ok else 'FAIL'} (limit {args.max_slope} MB per 10k requests)"
+    )
+    return 0 if ok else 1
+
+
 def cmd_tasks(args: argparse.Namespace) -> int:
     from allinone.tasks import TaskRegistry
 
@@ -358,6 +441,27 @@ def build_parser() -> argparse.ArgumentParser:
     cb.add_argument("--batch", type=int, default=8)
     cb.add_argument("--out", type=Path, help="where to write (default: the model cache)")
     cb.set_defaults(func=cmd_calibrate)
+
+    so = sub.add_parser(
+        "soak",
+        parents=[common],
+        help="drive a server with a request mix; fit memory growth; plot it",
+    )
+    so.add_argument("--url", help="a running server (default: start one with these flags)")
+    so.add_argument("--requests", type=int, default=1000)
+    so.add_argument("--concurrency", type=int, default=4)
+    so.add_argument("--warmup", type=float, default=0.2, help="fraction discarded (default 0.2)")
+    so.add_argument("--classify-task", default="sentiment")
+    so.add_argument("--chat-task", default="chat")
+    so.add_argument("--api-key", help="key for a server that requires one")
+    so.add_argument(
+        "--max-slope",
+        type=float,
+        default=1.0,
+        help="fail above this many MB per 10k requests (default 1.0)",
+    )
+    so.add_argument("--out", type=Path, default=Path("soak-results"))
+    so.set_defaults(func=cmd_soak)
 
     t = sub.add_parser("tasks", parents=[common], help="list tasks")
     t.add_argument("--json", action="store_true")
