@@ -419,11 +419,15 @@ def build_parser() -> argparse.ArgumentParser:
     ch.add_argument("--system", help="system prompt instead of the task's")
     ch.set_defaults(func=cmd_chat)
 
-    e = sub.add_parser("eval", parents=[common], help="accuracy, F1, latency on a labelled TSV")
-    e.add_argument("file", type=Path, help="label<TAB>text file (values mapped by the task)")
-    e.add_argument("--task", default="sentiment")
-    e.add_argument("--limit", type=int, help="first N rows only")
-    e.add_argument("--batch", type=int, default=8, help="texts in flight at once (default 8)")
+    labelled = argparse.ArgumentParser(add_help=False)
+    labelled.add_argument("file", type=Path, help="label<TAB>text file (values mapped by the task)")
+    labelled.add_argument("--task", default="sentiment", help="classify task (default sentiment)")
+    labelled.add_argument("--limit", type=int, help="first N rows only")
+    labelled.add_argument("--batch", type=int, default=8, help="texts in flight at once (8)")
+
+    e = sub.add_parser(
+        "eval", parents=[common, labelled], help="accuracy, F1, latency on a labelled TSV"
+    )
     e.add_argument("--repeat", type=int, default=1, help="run K times; check labels never change")
     e.add_argument("--json", action="store_true", help="print one JSON object")
     e.add_argument("--no-calibration", action="store_true", help="ignore a stored calibration")
@@ -432,13 +436,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     cb = sub.add_parser(
         "calibrate",
-        parents=[common],
-        help="fit per-label biases on a labelled dev TSV and store them",
+        parents=[common, labelled],
+        help="fit per-label biases on a labelled dev TSV (never the test set) and store them",
     )
-    cb.add_argument("file", type=Path, help="label<TAB>text dev file (never the test set)")
-    cb.add_argument("--task", default="sentiment")
-    cb.add_argument("--limit", type=int)
-    cb.add_argument("--batch", type=int, default=8)
     cb.add_argument("--out", type=Path, help="where to write (default: the model cache)")
     cb.set_defaults(func=cmd_calibrate)
 

@@ -185,38 +185,31 @@ class LlamaCppBackend(Backend):
         choice_tokens = [rt.tokenize(c, special=False) for c in choices]
         if any(not c for c in choice_tokens):
             raise ValueError("a choice is empty after tokenization")
-        prefix = self._prefix(prompt)
-        body = self._tokens(prompt.body)
-        self._check_fits(len(prefix) + len(body), max(len(c) for c in choice_tokens))
-        req = Request(
-            kind="score",
-            handle=RequestHandle(),
-            prefix_key=prompt.prefix,
-            prefix_tokens=prefix,
-            tokens=body,
-            choices=choice_tokens,
-        )
+        req = self._request("score", prompt, max(len(c) for c in choice_tokens))
+        req.choices = choice_tokens
         return self.scheduler.submit(req)
 
     def generate(self, prompt: Prompt, params: GenerationParams) -> RequestHandle:
         self._runtime()
+        req = self._request("generate", prompt, 1)
+        # Cap the reply to the room left rather than failing a long conversation outright.
+        room = self.settings.ctx_per_seq - len(req.prefix_tokens) - len(req.tokens)
+        params.max_tokens = min(params.max_tokens, room)
+        req.params = params
+        return self.scheduler.submit(req)
+
+    def _request(self, kind: str, prompt: Prompt, n_new: int) -> Request:
+        """Tokenize a prompt (prefix cached) into an engine request, checking it fits."""
         prefix = self._prefix(prompt)
         body = self._tokens(prompt.body)
-        n_prompt = len(prefix) + len(body)
-        self._check_fits(n_prompt, 1)
-        # Cap the reply to the room left rather than failing a long conversation outright.
-        room = self.settings.ctx_per_seq - n_prompt
-        if params.max_tokens > room:
-            params.max_tokens = room
-        req = Request(
-            kind="generate",
+        self._check_fits(len(prefix) + len(body), n_new)
+        return Request(
+            kind=kind,
             handle=RequestHandle(),
             prefix_key=prompt.prefix,
             prefix_tokens=prefix,
             tokens=body,
-            params=params,
         )
-        return self.scheduler.submit(req)
 
     def stats(self) -> dict[str, Any]:
         return self.scheduler.stats() if self.scheduler else {}
