@@ -1,0 +1,1 @@
+"""Resource planning: memory arithmetic for any model shape (work in progress: shapes first)."""
