@@ -81,7 +81,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
     if texts == ["-"]:
         texts = [line.rstrip("\n") for line in sys.stdin if line.strip()]
     settings = _settings(args)
-    service = _service(settings)
+    service = _service(settings, use_calibration=not args.no_calibration)
     try:
         service.classify_task(args.task)
         results = service.classify(args.task, texts)
@@ -402,6 +402,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("text", nargs="+", help="text(s) to classify, or '-' for one per stdin line")
     c.add_argument("--task", default="sentiment", help="classify task (default sentiment)")
     c.add_argument("--json", action="store_true", help="print one JSON object per text")
+    c.add_argument("--no-calibration", action="store_true", help="ignore a stored calibration")
     c.set_defaults(func=cmd_classify)
 
     x = sub.add_parser(
