@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -72,6 +73,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         timeout_graceful_shutdown=int(settings.server.drain_timeout_s),
     )
     configure_json_logging(settings.server.log_level)
+    # After a graceful shutdown uvicorn re-raises the signal it caught, under the handler that
+    # was there before it started: make that a clean exit, which is what a drain is.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     DrainingServer(config).run()
     return 0
 
