@@ -161,11 +161,11 @@ def cmd_chat(args: argparse.Namespace) -> int:
         service.backend.close()
 
 
-def cmd_eval(args: argparse.Namespace) -> int:
-    from allinone.evaluation import evaluate, format_report, read_labelled
+def _evaluate(args: argparse.Namespace, use_calibration: bool, repeat: int, progress: bool):
+    """Load the model, classify the labelled file, close the model; (task, report)."""
+    from allinone.evaluation import evaluate, read_labelled
 
-    settings = _settings(args)
-    service = _service(settings, use_calibration=not args.no_calibration)
+    service = _service(_settings(args), use_calibration=use_calibration)
     try:
         task = service.classify_task(args.task)
         rows = read_labelled(args.file, task, args.limit)
@@ -174,12 +174,24 @@ def cmd_eval(args: argparse.Namespace) -> int:
             args.task,
             rows,
             batch=args.batch,
-            repeat=args.repeat,
-            progress=(not args.json and sys.stderr.isatty()) or args.progress,
+            repeat=repeat,
+            progress=progress,
             file=str(args.file),
         )
     finally:
         service.backend.close()
+    return task, report
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from allinone.evaluation import format_report
+
+    _, report = _evaluate(
+        args,
+        use_calibration=not args.no_calibration,
+        repeat=args.repeat,
+        progress=(not args.json and sys.stderr.isatty()) or args.progress,
+    )
     print(json.dumps(report.to_dict(), ensure_ascii=False) if args.json else format_report(report))
     return 0 if report.consistent in (None, True) else 1
 
@@ -188,23 +200,10 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     import numpy as np
 
     from allinone import calibration
-    from allinone.evaluation import evaluate, read_labelled, score_predictions
+    from allinone.evaluation import score_predictions
 
     settings = _settings(args)
-    service = _service(settings, use_calibration=False)
-    try:
-        task = service.classify_task(args.task)
-        rows = read_labelled(args.file, task, args.limit)
-        report = evaluate(
-            service,
-            args.task,
-            rows,
-            batch=args.batch,
-            progress=sys.stderr.isatty(),
-            file=str(args.file),
-        )
-    finally:
-        service.backend.close()
+    task, report = _evaluate(args, use_calibration=False, repeat=1, progress=sys.stderr.isatty())
     logps = np.array(report.logprobs)
     gold = np.array([task.labels.index(g) for g in report.gold])
     bias = calibration.fit_bias(logps, gold)
@@ -212,20 +211,20 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     after = score_predictions(task.labels, report.gold, pred)
     cal = calibration.new_calibration(
         task,
-        service.backend.model_id,
+        report.model,
         bias,
         fitted_on=str(args.file),
-        n=len(rows),
+        n=report.n,
         accuracy_before=report.raw.accuracy,
         accuracy_after=after.accuracy,
     )
     out = args.out or calibration.calibration_path(
-        settings.model.cache_dir, service.backend.model_id, task.name
+        settings.model.cache_dir, report.model, task.name
     )
     calibration.save(cal, out)
     print(f"bias {', '.join(f'{k} {v:+.3f}' for k, v in cal.bias.items())}")
     print(
-        f"accuracy on {len(rows)} texts of {args.file}: {report.raw.accuracy:.4f} -> "
+        f"accuracy on {report.n} texts of {args.file}: {report.raw.accuracy:.4f} -> "
         f"{after.accuracy:.4f} (fitted on these texts)"
     )
     print(f"saved {out}; `allinone eval`, `classify` and `serve` with this model use it")

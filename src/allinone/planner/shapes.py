@@ -7,7 +7,7 @@ from its GGUF metadata.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 
@@ -84,28 +84,7 @@ SHAPES: dict[str, ModelShape] = {
             tied_embeddings=True,
         ),
         ModelShape(
-            "Qwen2.5-Coder-0.5B-Instruct",
-            hidden=896,
-            layers=24,
-            heads=14,
-            kv_heads=2,
-            head_dim=64,
-            intermediate=4864,
-            vocab=151936,
-            tied_embeddings=True,
-        ),
-        ModelShape(
             "Qwen2.5-1.5B-Instruct",
-            hidden=1536,
-            layers=28,
-            heads=12,
-            kv_heads=2,
-            intermediate=8960,
-            vocab=151936,
-            tied_embeddings=True,
-        ),
-        ModelShape(
-            "Qwen2.5-Coder-1.5B-Instruct",
             hidden=1536,
             layers=28,
             heads=12,
@@ -138,6 +117,10 @@ SHAPES: dict[str, ModelShape] = {
         ),
     )
 }
+# The Coder models share their base models' shapes.
+for _base in ("0.5B", "1.5B"):
+    _coder = replace(SHAPES[f"Qwen2.5-{_base}-Instruct"], name=f"Qwen2.5-Coder-{_base}-Instruct")
+    SHAPES[_coder.name] = _coder
 # Catalog model names of this project -> their shapes.
 ALIASES = {
     "default": "Qwen2.5-Coder-0.5B-Instruct",
