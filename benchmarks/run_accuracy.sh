@@ -19,9 +19,9 @@ run default-test --model default --task sentiment $D/chnsenticorp/test.tsv
 run default-test_clean --model default --task sentiment $D/chnsenticorp/test_clean.tsv
 run default-sst2 --model default --task sentiment-en $D/sst2/dev.tsv $(lim 400)
 run default-waimai --model default --task sentiment $D/waimai/balanced_4000.tsv $(lim 400)
+run default-yelp --model default --task sentiment-en $D/uci/yelp.tsv $(lim 400)
+run default-imdb --model default --task sentiment-en $D/uci/imdb.tsv $(lim 400)
 if [ -n "${FULL:-}" ]; then
-  run default-yelp --model default --task sentiment-en $D/uci/yelp.tsv
-  run default-imdb --model default --task sentiment-en $D/uci/imdb.tsv
   run accurate-test_clean --model accurate --task sentiment $D/chnsenticorp/test_clean.tsv
 fi
 echo done >&2

@@ -376,6 +376,55 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plan_from_args(args: argparse.Namespace) -> dict:
+    from allinone.planner.plan import PlanRequest, make_plan
+
+    if getattr(args, "plan", None):
+        return json.loads(Path(args.plan).read_text(encoding="utf-8"))
+    return make_plan(
+        PlanRequest(
+            model=args.model or "default",
+            dtype=args.dtype,
+            kv_dtype=args.kv_dtype,
+            context=args.context,
+            concurrency=args.concurrency,
+            devices=args.devices,
+            instances=args.instances,
+            headroom=args.headroom,
+            threads=args.threads or 2,
+        )
+    )
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from allinone.planner.report import format_plan
+
+    plan = _plan_from_args(args)
+    print(json.dumps(plan, indent=2) if args.json else format_plan(plan))
+    return 0 if plan["fits"] else 1
+
+
+def cmd_deploy(args: argparse.Namespace) -> int:
+    from allinone.planner.deploy import DeployOptions, render, write
+
+    plan = _plan_from_args(args)
+    opts = DeployOptions(drain_timeout_s=args.drain_timeout, gpus_per_node=args.gpus_per_node)
+    if args.image:
+        opts.image = args.image
+    if args.exec_path:
+        opts.exec_path = args.exec_path
+    files = render(args.target, plan, opts)
+    if not plan["fits"]:
+        print("allinone: warning: the plan does not fit its devices", file=sys.stderr)
+    if args.out is None:
+        for name, text in files.items():
+            print(f"# ---- {name}\n{text}")
+    else:
+        for path in write(files, args.out):
+            print(path)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for tests and docs)."""
     common = argparse.ArgumentParser(add_help=False)
@@ -466,6 +515,34 @@ def build_parser() -> argparse.ArgumentParser:
     )
     so.add_argument("--out", type=Path, default=Path("soak-results"))
     so.set_defaults(func=cmd_soak)
+
+    from allinone.planner.deploy import TARGETS
+    from allinone.planner.formats import DTYPES, KV_DTYPES
+
+    shape = argparse.ArgumentParser(add_help=False)
+    shape.add_argument("--model", help="catalog name, known model, config.json or GGUF (default)")
+    shape.add_argument("--dtype", choices=DTYPES, help="weight format (cpu: q4_k_m, gpu: bf16)")
+    shape.add_argument("--kv-dtype", choices=list(KV_DTYPES), default="fp16")
+    shape.add_argument("--context", type=int, default=2048, help="tokens per sequence (2048)")
+    shape.add_argument("--concurrency", type=int, default=4, help="sequences at once (4)")
+    shape.add_argument("--devices", default="cpu", help="cpu, cpu:16GiB, 4x24GiB, 1x80GiB")
+    shape.add_argument("--instances", type=int, default=1, help="instances on those devices")
+    shape.add_argument("--headroom", type=float, default=0.10, help="memory kept free (0.10)")
+    shape.add_argument("--threads", type=int, help="CPU threads per instance (2)")
+
+    pl = sub.add_parser("plan", parents=[shape], help="memory and limits for a model deployment")
+    pl.add_argument("--json", action="store_true", help="print one JSON object")
+    pl.set_defaults(func=cmd_plan, tasks_dir=[], verbose=False)
+
+    dp = sub.add_parser("deploy", parents=[shape], help="render deployment files from a plan")
+    dp.add_argument("target", choices=TARGETS)
+    dp.add_argument("--plan", type=Path, help="a plan from `allinone plan --json` (else the flags)")
+    dp.add_argument("--out", type=Path, help="folder to write (default: print)")
+    dp.add_argument("--image", help="container image of this server")
+    dp.add_argument("--exec-path", help="allinone executable for the systemd unit")
+    dp.add_argument("--drain-timeout", type=int, default=30, help="seconds to drain (30)")
+    dp.add_argument("--gpus-per-node", type=int, help="GPUs per machine (vllm multi-node)")
+    dp.set_defaults(func=cmd_deploy, tasks_dir=[], verbose=False)
 
     t = sub.add_parser("tasks", parents=[common], help="list tasks")
     t.add_argument("--json", action="store_true")
