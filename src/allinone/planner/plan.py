@@ -187,7 +187,7 @@ def _plan_cpu(plan, req, shape, devices, file_bytes, repacked, kv_per_token) -> 
         + PREFIX_CACHE_TOKENS
         + SCRATCH_CELLS_PER_SLOT * req.concurrency
     )
-    kv_total = kv_per_token * kv_tokens
+    kv_total = int(kv_per_token * kv_tokens)
     n_seq_max = req.concurrency + PREFIX_CACHE_SEQS + req.concurrency * MAX_CHOICES
     output = n_seq_max * shape.vocab * 4
     workspace = N_BATCH * (3 * shape.intermediate + 8 * shape.hidden) * 4
