@@ -16,7 +16,13 @@ from allinone.settings import EngineSettings, ModelSettings, ServerSettings, Set
 
 def _settings(args: argparse.Namespace) -> Settings:
     """Flags override env/.env, which override defaults."""
-    model = ModelSettings(**{k: v for k, v in {"model": args.model}.items() if v is not None})
+    model_over = {
+        "model": args.model,
+        "backend": getattr(args, "backend", None),
+        "upstream": getattr(args, "upstream", None),
+        "upstream_model": getattr(args, "upstream_model", None),
+    }
+    model = ModelSettings(**{k: v for k, v in model_over.items() if v is not None})
     engine_over = {
         "threads": getattr(args, "threads", None),
         "parallel": getattr(args, "parallel", None),
@@ -437,6 +443,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="folder of extra task files (*.toml); may repeat",
     )
     common.add_argument("--threads", type=int, help="CPU threads (env ALLINONE_THREADS)")
+    common.add_argument("--backend", help="engine: llama_cpp (default) or openai (a remote server)")
+    common.add_argument("--upstream", help="openai backend: base URL of the upstream server")
+    common.add_argument("--upstream-model", help="openai backend: the upstream's model id")
     common.add_argument("-v", "--verbose", action="store_true", help="log more")
 
     p = argparse.ArgumentParser(prog="allinone", description=__doc__)

@@ -15,7 +15,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from allinone.backends.base import BackendError, EngineOverloadedError, PromptTooLongError
+from allinone.backends.base import (
+    BackendError,
+    EngineOverloadedError,
+    PromptTooLongError,
+    UpstreamError,
+    UpstreamTimeoutError,
+)
 from allinone.tasks import TaskError
 
 log = logging.getLogger(__name__)
@@ -73,6 +79,12 @@ class OverloadedError(APIError):
     status, type, code = 503, "overloaded_error", "overloaded"
 
 
+class BadGatewayError(APIError):
+    """502: the remote engine failed or is down."""
+
+    status, type, code = 502, "upstream_error", "upstream_error"
+
+
 class GatewayTimeoutError(APIError):
     """504: the request ran longer than the server's request timeout."""
 
@@ -111,6 +123,10 @@ def to_api_error(exc: BaseException, retry_after: int = 1) -> APIError:
         return InvalidRequestError(str(exc), param=getattr(exc, "param", None))
     if isinstance(exc, PromptTooLongError):
         return InvalidRequestError(str(exc), param="messages", code="context_length_exceeded")
+    if isinstance(exc, UpstreamTimeoutError):
+        return GatewayTimeoutError(str(exc), code="upstream_timeout")
+    if isinstance(exc, UpstreamError):
+        return BadGatewayError(str(exc))
     if isinstance(exc, BackendError):
         log.error("engine error: %s", exc)
         return APIError("the engine failed to run the request; retry it", code="engine_error")

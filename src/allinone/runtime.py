@@ -20,6 +20,8 @@ def model_id_for(settings: Settings, path: Path) -> str:
 
 def make_backend(settings: Settings) -> Backend:
     """Resolve (and fetch if allowed) the model, then construct the configured backend."""
+    if settings.model.backend == "openai":  # the model lives in the upstream server
+        return get_backend_class("openai")(settings.model, settings.engine)
     path = ensure_model(
         settings.model.model, cache_dir=settings.model.cache_dir, download=settings.model.download
     )

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -37,6 +38,17 @@ class ModelSettings(BaseSettings):
         description="Where fetched models are kept",
     )
     download: bool = Field(True, description="Fetch a catalog model that is not cached yet")
+    # The `openai` backend: the model runs in another OpenAI-compatible server.
+    upstream: str | None = Field(None, description="Base URL of an OpenAI-compatible server")
+    upstream_model: str | None = Field(None, description="Upstream model id (default: its first)")
+    upstream_api_key: str | None = Field(None, description="Bearer key for the upstream")
+    upstream_timeout_s: float = Field(60.0, gt=0, le=3600, description="Upstream request timeout")
+    choice_mode: Literal["auto", "vllm", "grammar", "logprobs", "parse"] = Field(
+        "auto", description="How the upstream is constrained to a label (auto: by server kind)"
+    )
+    chat_template: Path | None = Field(
+        None, description="Jinja chat template for the upstream model (default: ChatML)"
+    )
 
 
 class EngineSettings(BaseSettings):

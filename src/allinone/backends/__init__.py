@@ -8,6 +8,7 @@ from allinone.backends.base import Backend
 
 _REGISTRY: dict[str, str] = {
     "llama_cpp": "allinone.backends.llama_cpp:LlamaCppBackend",
+    "openai": "allinone.backends.remote:OpenAIRemoteBackend",
 }
 
 

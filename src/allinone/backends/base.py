@@ -25,6 +25,14 @@ class EngineOverloadedError(BackendError):
     """The wait queue is full: the caller should retry later."""
 
 
+class UpstreamError(BackendError):
+    """A remote engine failed or answered something unusable (HTTP 502)."""
+
+
+class UpstreamTimeoutError(UpstreamError):
+    """A remote engine did not answer in time (HTTP 504)."""
+
+
 class PromptTooLongError(ValueError):
     """A prompt does not fit the context a sequence may use."""
 

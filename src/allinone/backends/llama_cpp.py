@@ -9,8 +9,6 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any, ClassVar
 
-from jinja2.sandbox import ImmutableSandboxedEnvironment
-
 from allinone.backends.base import (
     Backend,
     BackendError,
@@ -20,27 +18,15 @@ from allinone.backends.base import (
     RequestHandle,
     Segment,
 )
+from allinone.backends.chat_template import ChatTemplate
 from allinone.backends.llama_runtime import ContextShape, LlamaRuntime
 from allinone.backends.scheduler import Request, Scheduler
 from allinone.settings import EngineSettings
 
 log = logging.getLogger(__name__)
 
-# Used when a GGUF carries no chat template: ChatML, which Qwen and many small models use.
-CHATML_TEMPLATE = (
-    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + "
-    "message['content'] + '<|im_end|>\\n' }}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-)
-# Private-use characters mark where message contents go in the rendered template, so the
-# template markup can be tokenized with control tokens and the contents without.
-_MARK = "\ue000{}\ue001"
 # Label branches need KV cells beyond the per-sequence share; labels are a few tokens each.
 _SCRATCH_CELLS_PER_SLOT = 256
-
-
-def _raise(message: str) -> None:
-    raise BackendError(f"chat template error: {message}")
 
 
 class LlamaCppBackend(Backend):
@@ -58,7 +44,6 @@ class LlamaCppBackend(Backend):
         self.scheduler: Scheduler | None = None
         self.load_seconds: float | None = None
         self._template = None
-        self._bos = ("", False)
         self._prefix_tokens: OrderedDict[tuple, list[int]] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -85,11 +70,7 @@ class LlamaCppBackend(Backend):
             threads=s.threads,
         )
         self.rt = LlamaRuntime(self.model_path, shape)
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        env.globals["raise_exception"] = _raise
-        env.globals["strftime_now"] = lambda fmt: time.strftime(fmt)
-        self._template = env.from_string(self.rt.chat_template() or CHATML_TEMPLATE)
-        self._bos = self.rt.bos_token()
+        self._template = ChatTemplate(self.rt.chat_template(), self.rt.bos_token())
         self.scheduler = Scheduler(
             self.rt,
             parallel=s.parallel,
@@ -124,29 +105,7 @@ class LlamaCppBackend(Backend):
 
     def render_chat(self, messages: list[dict[str, str]], n_prefix_messages: int) -> Prompt:
         self._runtime()
-        marked = [{"role": m["role"], "content": _MARK.format(i)} for i, m in enumerate(messages)]
-        bos_text, add_bos = self._bos
-        rendered = self._template.render(
-            messages=marked, add_generation_prompt=True, bos_token=bos_text, eos_token=""
-        )
-        if add_bos and bos_text and not rendered.startswith(bos_text):
-            rendered = bos_text + rendered
-        segments: list[Segment] = []
-        rest = rendered
-        for i, m in enumerate(messages):
-            mark = _MARK.format(i)
-            head, sep, rest = rest.partition(mark)
-            if not sep:
-                raise BackendError(
-                    f"the model's chat template dropped message {i} (role {m['role']!r}); "
-                    "this model may not support that role"
-                )
-            segments.append(Segment(head, special=True))
-            segments.append(Segment(m["content"], special=False))
-        segments.append(Segment(rest, special=True))
-        # The prefix ends with the markup that opens the first message after it.
-        cut = 2 * n_prefix_messages + 1 if n_prefix_messages else 0
-        return Prompt(prefix=tuple(segments[:cut]), body=tuple(segments[cut:]))
+        return self._template.render(messages, n_prefix_messages)
 
     def _tokens(self, segments: tuple[Segment, ...]) -> list[int]:
         rt = self._runtime()
