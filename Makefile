@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 export ALLINONE_CACHE_DIR := $(CACHE_DIR)
 PIP := $(PY) -m pip --disable-pip-version-check
 
-.PHONY: setup setup-dev model models-test serve test test-fast lint format bench bench-classify clean
+.PHONY: setup setup-dev model models-test serve test test-fast lint format bench bench-classify bench-backends clean
 
 $(VENV)/.stamp-runtime: requirements.txt pyproject.toml scripts/build-llama-wheel.sh
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,7 +25,8 @@ $(VENV)/.stamp-dev: $(VENV)/.stamp-runtime requirements-dev.txt
 	$(PIP) install -q -r requirements-dev.txt
 	touch $@
 
-# The original design's stack (torch CPU + transformers), for benchmarks only.
+# The original design's stack (torch CPU + transformers): the transformers backend, its tests and
+# the benchmarks against it; serving with llama.cpp never needs it.
 $(VENV)/.stamp-torch: $(VENV)/.stamp-dev requirements-torch.txt
 	$(PIP) install -q -r requirements-torch.txt
 	touch $@
@@ -43,7 +44,8 @@ models-test: setup
 serve: model
 	$(PY) -m allinone serve --host $(HOST) --port $(PORT)
 
-test: setup-dev models-test
+# The transformers backend's tests need the torch extra (a local CPU wheel: quick to install).
+test: $(VENV)/.stamp-torch models-test
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-fast: setup-dev models-test
@@ -62,6 +64,9 @@ bench: setup-dev model
 
 bench-classify: $(VENV)/.stamp-torch model
 	$(PY) benchmarks/bench_classify.py
+
+bench-backends: $(VENV)/.stamp-torch model
+	$(PY) benchmarks/bench_backends.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

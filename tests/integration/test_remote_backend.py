@@ -140,6 +140,24 @@ def test_a_prompt_beyond_the_upstream_context_is_the_callers_400(upstream):
     b.close()
 
 
+def test_logprobs_mode_scores_labels_without_a_constraint(upstream):
+    _, url = upstream
+    b = OpenAIRemoteBackend(
+        ModelSettings(upstream=url, choice_mode="logprobs"), EngineSettings(parallel=1)
+    )
+    b.load()
+    prompt = b.render_chat(
+        [
+            {"role": "system", "content": "评论的情感是正面还是负面？"},
+            {"role": "user", "content": "太差了，再也不来了"},
+        ],
+        1,
+    )
+    scores = b.score_choices(prompt, ["正面", "负面"]).result(timeout=60).result
+    assert scores[1] > scores[0]  # 负面
+    b.close()
+
+
 def test_upstream_that_goes_down_gives_502_and_the_server_keeps_serving(front, upstream):
     proc, _ = upstream
     proc.terminate()

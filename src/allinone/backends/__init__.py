@@ -9,6 +9,7 @@ from allinone.backends.base import Backend
 _REGISTRY: dict[str, str] = {
     "llama_cpp": "allinone.backends.llama_cpp:LlamaCppBackend",
     "openai": "allinone.backends.remote:OpenAIRemoteBackend",
+    "transformers": "allinone.backends.transformers_backend:TransformersBackend",
 }
 
 

@@ -216,21 +216,21 @@ class OpenAIRemoteBackend(Backend):
         out = self._call("POST", "/completions", json=body)
         choice = (out.get("choices") or [{}])[0]
         answer = (choice.get("text") or "").strip()
-        if answer not in choices:
+        lp = choice.get("logprobs") or {}
+        top = lp["top_logprobs"][0] if lp.get("top_logprobs") else None
+        # logprobs mode: an unconstrained answer may be anything; the labels' first tokens decide.
+        scores = label_logprobs(choices, answer, top)
+        if answer not in choices and not (self._mode == "logprobs" and max(scores) > -math.inf):
             raise UpstreamError(
                 f"the upstream answered {answer[:80]!r}, not one of {choices}; it may not support "
                 "constrained choice (set ALLINONE_CHOICE_MODE: vllm, grammar or logprobs)"
             )
-        top = None
-        lp = choice.get("logprobs") or {}
-        if lp.get("top_logprobs"):
-            top = lp["top_logprobs"][0]
         usage = out.get("usage") or {}
         handle.finish(
             Finished(
                 "stop",
                 Usage(usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0)),
-                label_logprobs(choices, answer, top),
+                scores,
             )
         )
 
@@ -274,7 +274,8 @@ class OpenAIRemoteBackend(Backend):
                     if params.max_chars is not None and len(out) + len(delta) >= params.max_chars:
                         delta = delta[: params.max_chars - len(out)]
                         out += delta
-                        handle.emit_text(delta) if delta else None
+                        if delta:
+                            handle.emit_text(delta)
                         reason = "length"
                         break
                     if delta:
