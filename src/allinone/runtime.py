@@ -22,6 +22,11 @@ def make_backend(settings: Settings) -> Backend:
     """Resolve (and fetch if allowed) the model, then construct the configured backend."""
     if settings.model.backend == "openai":  # the model lives in the upstream server
         return get_backend_class("openai")(settings.model, settings.engine)
+    folder = Path(settings.model.model).expanduser()
+    if settings.model.backend in ("transformers", "vllm") and folder.is_dir():
+        # Hugging Face model folders: the engines that read them take the folder as it is.
+        model_id = settings.model.model_id or folder.name
+        return get_backend_class(settings.model.backend)(folder, settings.engine, model_id)
     path = ensure_model(
         settings.model.model, cache_dir=settings.model.cache_dir, download=settings.model.download
     )

@@ -78,6 +78,11 @@ class EngineSettings(BaseSettings):
         "sequence; more are refused with 503",
     )
     seed: int = Field(0, description="Default sampling seed, for sampled (temperature>0) replies")
+    # vllm backend only
+    tensor_parallel: int = Field(1, ge=1, le=64, description="vllm: GPUs per model instance")
+    gpu_memory_utilization: float = Field(
+        0.9, gt=0, le=1, description="vllm: share of each GPU's memory the engine may use"
+    )
 
 
 class ServerSettings(BaseSettings):

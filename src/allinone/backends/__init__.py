@@ -10,6 +10,7 @@ _REGISTRY: dict[str, str] = {
     "llama_cpp": "allinone.backends.llama_cpp:LlamaCppBackend",
     "openai": "allinone.backends.remote:OpenAIRemoteBackend",
     "transformers": "allinone.backends.transformers_backend:TransformersBackend",
+    "vllm": "allinone.backends.vllm_backend:VLLMBackend",
 }
 
 
