@@ -140,7 +140,9 @@ def test_a_prompt_beyond_the_upstream_context_is_the_callers_400(upstream):
     b.close()
 
 
-def test_logprobs_mode_scores_labels_without_a_constraint(upstream):
+def test_unconstrained_answers_that_are_no_label_are_a_clear_error(upstream):
+    # logprobs mode sends no constraint: this model answers with a sentence whose first token
+    # starts no label, so there is nothing to score and the error says what to change.
     _, url = upstream
     b = OpenAIRemoteBackend(
         ModelSettings(upstream=url, choice_mode="logprobs"), EngineSettings(parallel=1)
@@ -153,8 +155,8 @@ def test_logprobs_mode_scores_labels_without_a_constraint(upstream):
         ],
         1,
     )
-    scores = b.score_choices(prompt, ["正面", "负面"]).result(timeout=60).result
-    assert scores[1] > scores[0]  # 负面
+    with pytest.raises(UpstreamError, match=r"not one of .*ALLINONE_CHOICE_MODE"):
+        b.score_choices(prompt, ["正面", "负面"]).result(timeout=60)
     b.close()
 
 
