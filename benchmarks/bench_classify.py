@@ -115,31 +115,11 @@ def run_original_llama(rows, threads):
 
 
 def _hf_dir() -> Path:
-    """The default GGUF dequantised once into a safetensors folder (loads ~20x faster)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+    """The default GGUF dequantised once into a safetensors folder (the backend's own cache)."""
+    from allinone.backends.transformers_backend import hf_folder
     from allinone.models import ensure_model
-    from allinone.models.fetch import default_cache_dir
 
-    gguf = ensure_model("default")
-    out = default_cache_dir() / "hf" / gguf.stem
-    if (out / "config.json").exists():
-        return out
-    t = time.perf_counter()
-    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(
-        str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
-    )
-    # transformers refuses to save a model loaded from GGUF while it carries the GGUF
-    # quantizer marker; the weights are already dequantised, so drop it.
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    print(f"converted {gguf.name} to {out} in {time.perf_counter() - t:.0f} s", file=sys.stderr)
-    return out
+    return hf_folder(ensure_model("default"))
 
 
 def run_original_transformers(rows, threads):
