@@ -293,8 +293,15 @@ def cmd_soak(args: argparse.Namespace) -> int:
             warmup_fraction=args.warmup,
             sample_every=max(1, args.requests // 400),
             api_key=args.api_key,
+            timeout_s=args.timeout,
         )
-        report = run_soak(url, cfg, pid=pid, progress=sys.stderr.isatty())
+        report = run_soak(
+            url,
+            cfg,
+            pid=pid,
+            progress=sys.stderr.isatty(),
+            checkpoint=args.out / "soak.partial.json",
+        )
     finally:
         if proc is not None:
             proc.terminate()
@@ -516,6 +523,9 @@ def build_parser() -> argparse.ArgumentParser:
     so.add_argument("--classify-task", default="sentiment")
     so.add_argument("--chat-task", default="chat")
     so.add_argument("--api-key", help="key for a server that requires one")
+    so.add_argument(
+        "--timeout", type=float, default=300.0, help="client timeout per request, s (300)"
+    )
     so.add_argument(
         "--max-slope",
         type=float,

@@ -70,6 +70,11 @@ class EngineSettings(BaseSettings):
         4096, ge=0, le=65536, description="KV cells reserved for cached prefixes in total"
     )
     max_choices: int = Field(16, ge=2, le=64, description="Most labels a classify task may have")
+    reuse_slots: bool = Field(
+        True,
+        description="Keep a finished chat's KV cells in its sequence so the next turn of the "
+        "conversation evaluates only its new tokens",
+    )
     max_queue: int = Field(
         1024,
         ge=1,

@@ -80,6 +80,7 @@ class SoakConfig:
     max_tokens: int = 24
     seed: int = 0
     api_key: str | None = None
+    timeout_s: float = 300.0
 
 
 @dataclass
@@ -142,7 +143,7 @@ class Driver:
 
     def _client(self) -> httpx.Client:
         if not hasattr(self.local, "client"):
-            self.local.client = httpx.Client(timeout=300, headers=self.headers)
+            self.local.client = httpx.Client(timeout=self.cfg.timeout_s, headers=self.headers)
             self.local.history = []
         return self.local.client
 
@@ -235,9 +236,16 @@ def fit(samples: list[dict], warmup: int) -> tuple[float, float, float, bool]:
 
 
 def run_soak(
-    url: str, cfg: SoakConfig, pid: int | None = None, progress: bool = True
+    url: str,
+    cfg: SoakConfig,
+    pid: int | None = None,
+    progress: bool = True,
+    checkpoint: Path | None = None,
 ) -> SoakReport:
-    """Drive the server at ``url`` and sample its memory every ``sample_every`` requests."""
+    """Drive the server at ``url`` and sample its memory every ``sample_every`` requests.
+
+    With ``checkpoint``, the samples and statuses so far are rewritten there every 25 samples,
+    so a run that is stopped early still leaves its measurements."""
     headers = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
     driver = Driver(url, cfg, headers)
     by_status: dict[str, int] = {}
@@ -279,6 +287,9 @@ def run_soak(
                             "anon_plus_swap": anon,
                         }
                     )
+                    if checkpoint is not None and len(samples) % 25 == 0:
+                        partial = {"done": n, "by_status": by_status, "samples": samples}
+                        checkpoint.write_text(json.dumps(partial))
 
         with ThreadPoolExecutor(cfg.concurrency) as pool:
             list(pool.map(task, range(cfg.requests)))

@@ -34,7 +34,8 @@ def assert_no_leaks(backend):
     sched = backend.scheduler
     assert sorted(sched._free_slots) == list(range(sched.parallel))
     for slot in range(sched.parallel):
-        assert backend.rt.seq_pos_max(slot) == -1  # every request sequence is empty again
+        # a free slot holds only what the scheduler knows it keeps for the next chat turn
+        assert backend.rt.seq_pos_max(slot) == len(sched._slot_tokens[slot]) - 1
     for seq in sched._free_scratch:
         assert backend.rt.seq_pos_max(seq) == -1
 
@@ -153,6 +154,48 @@ def test_many_mixed_requests_leave_nothing_behind(tiny_backend_factory):
     time.sleep(0.1)
     assert_no_leaks(backend)
     assert backend.stats()["finished"] + backend.stats()["cancelled"] == 200
+
+
+def _turns(backend, reply):
+    first = [
+        {"role": "system", "content": "You are a helpful assistant."},
+        {"role": "user", "content": "Name three colours."},
+    ]
+    second = [
+        *first,
+        {"role": "assistant", "content": reply},
+        {"role": "user", "content": "And three animals?"},
+    ]
+    return backend.render_chat(first, 1), backend.render_chat(second, 1)
+
+
+def test_next_chat_turn_evaluates_only_its_new_tokens(tiny_backend_factory):
+    backend = tiny_backend_factory(parallel=2)
+    p1, _ = _turns(backend, "")
+    reply, fin1 = collect(backend.generate(p1, GenerationParams(max_tokens=16)))
+    _, p2 = _turns(backend, reply)
+    text, fin2 = collect(backend.generate(p2, GenerationParams(max_tokens=16)))
+    # the whole first turn (prompt and reply) came from the slot's cells
+    assert fin2.usage.cached_tokens >= fin1.usage.prompt_tokens + fin1.usage.completion_tokens - 2
+    assert fin2.usage.prompt_tokens > fin2.usage.cached_tokens
+    # and the answer is the one a fresh evaluation of the whole conversation gives
+    fresh = tiny_backend_factory(parallel=2, reuse_slots=False)
+    expected, fin3 = collect(fresh.generate(p2, GenerationParams(max_tokens=16)))
+    assert fin3.usage.cached_tokens < fin2.usage.cached_tokens
+    assert fin3.usage.prompt_tokens == fin2.usage.prompt_tokens
+    assert text == expected
+    assert_no_leaks(backend)
+
+
+def test_a_classification_never_reuses_what_ran_before(tiny_backend_factory):
+    backend = tiny_backend_factory(parallel=1)
+    p = chat_prompt(backend, "Is this good or bad? The room was clean.")
+    first = backend.score_choices(p, ["good", "bad"]).result(timeout=60)
+    collect(backend.generate(p, GenerationParams(max_tokens=4)))  # leaves its cells in the slot
+    again = backend.score_choices(p, ["good", "bad"])
+    assert again.result(timeout=60) == first  # bit-for-bit the same probabilities
+    assert backend.stats()["reused_tokens"] == 0
+    assert_no_leaks(backend)
 
 
 def test_prompt_longer_than_a_sequence_is_refused(tiny_backend_factory):

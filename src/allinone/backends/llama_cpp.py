@@ -80,6 +80,7 @@ class LlamaCppBackend(Backend):
             max_choices=s.max_choices,
             max_queue=s.max_queue,
             seed=s.seed,
+            reuse_slots=s.reuse_slots,
         )
         self.scheduler.start()
         self.load_seconds = time.perf_counter() - t0

@@ -170,6 +170,11 @@ class LlamaRuntime:
         """Forget every cell of sequence ``seq`` (cells shared with other sequences stay)."""
         self.lib.llama_memory_seq_rm(self.mem, seq, -1, -1)
 
+    def seq_truncate(self, seq: int, n: int) -> bool:
+        """Keep the first ``n`` positions of ``seq``, forget the rest; False if the memory
+        cannot remove part of a sequence (then nothing was removed)."""
+        return bool(self.lib.llama_memory_seq_rm(self.mem, seq, n, -1))
+
     def seq_cp(self, src: int, dst: int) -> None:
         """Make ``dst`` share all of ``src``'s cells (no copy in a unified KV cache)."""
         self.lib.llama_memory_seq_cp(self.mem, src, dst, -1, -1)

@@ -9,6 +9,12 @@ scratch branches for scoring labels that take more than one token. A task's cons
 evaluated once into a prefix sequence and shared with each request by ``seq_cp``, so a request
 pays only for its own tokens.
 
+A finished chat leaves its cells in its slot (``reuse_slots``): when the next request's tokens
+start with what a free slot holds, that slot is chosen, cut back to the shared part and only the
+rest is evaluated, so the next turn of a conversation costs its new tokens only. Classification
+and seeded sampling never reuse beyond the task prefix, so their results do not depend on what
+ran before.
+
 A request's life: queued -> prefill -> (generate | branch) -> finished or cancelled; its sequence
 is freed at the step it ends.
 """
@@ -69,7 +75,9 @@ class Request:
     n_past: int = 0
     n_fed: int = 0
     cached_tokens: int = 0
+    ctx_base: int = 0
     batch_index: int = -1
+    step_fed: int = 0  # tokens of this request in the current step's batch
     # generation
     last_token: int = -1
     n_generated: int = 0
@@ -120,6 +128,7 @@ class Scheduler:
         max_choices: int,
         max_queue: int,
         seed: int = 0,
+        reuse_slots: bool = True,
     ) -> None:
         self.rt = rt
         self.parallel = parallel
@@ -127,8 +136,11 @@ class Scheduler:
         self.max_choices = max_choices
         self.prefix_cache_tokens = prefix_cache_tokens
         self.seed = seed
+        self.reuse_slots = reuse_slots
         self._queue: queue.Queue[Request] = queue.Queue(maxsize=max_queue)
-        self._free_slots = list(range(parallel))
+        self._free_slots = list(range(parallel))  # least recently freed first
+        # the tokens each slot's cells hold, position by position
+        self._slot_tokens: dict[int, list[int]] = {s: [] for s in range(parallel)}
         first_prefix = parallel
         self._free_prefix_seqs = list(range(first_prefix, first_prefix + prefix_cache_size))
         first_scratch = first_prefix + prefix_cache_size
@@ -146,6 +158,7 @@ class Scheduler:
             "generated_tokens": 0,
             "prefix_hits": 0,
             "prefix_misses": 0,
+            "reused_tokens": 0,
             "finished": 0,
             "cancelled": 0,
             "failed": 0,
@@ -233,21 +246,71 @@ class Scheduler:
             self.counters["cancelled"] += 1
             req.handle.finish(Finished("cancelled", Usage()))
             return
-        req.slot = self._free_slots.pop()
-        prefix_seq, n_prefix = self._prefix_for(req)
-        if prefix_seq >= 0:
-            self.rt.seq_cp(prefix_seq, req.slot)
-            req.n_past = n_prefix
-            req.cached_tokens = n_prefix
-        else:  # not cacheable: evaluate the prefix as part of the request
-            req.tokens = req.prefix_tokens + req.tokens
-            req.n_past = 0
+        n_prefix = len(req.prefix_tokens)
+        req.slot, common = self._pick_slot(req)
+        held = self._slot_tokens[req.slot]
+        if common > n_prefix and self.rt.seq_truncate(req.slot, common):
+            # The slot still holds the start of this conversation: evaluate only the rest.
+            del held[common:]
+            req.tokens = (req.prefix_tokens + req.tokens)[common:]
+            req.n_past = req.cached_tokens = common
+            req.ctx_base = n_prefix
+            self.counters["reused_tokens"] += common
+        else:
+            self.rt.seq_rm(req.slot)
+            held.clear()
+            prefix_seq, n_cached = self._prefix_for(req)
+            if prefix_seq >= 0:
+                self.rt.seq_cp(prefix_seq, req.slot)
+                held.extend(req.prefix_tokens)
+                req.n_past = req.cached_tokens = req.ctx_base = n_cached
+            else:  # not cacheable: evaluate the prefix as part of the request
+                req.tokens = req.prefix_tokens + req.tokens
+                req.n_past = 0
         if req.kind == "generate":
             req.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
             seed = req.params.seed if req.params.seed is not None else self.seed
             req.rng = np.random.default_rng(seed)
         req.state = State.PREFILL
         self._active.append(req)
+
+    def _pick_slot(self, req: Request) -> tuple[int, int]:
+        """Take a free slot: the one whose cells share the longest start with this chat's
+        tokens, else the least recently used; returns (slot, tokens it can keep)."""
+        best, best_n = 0, 0
+        # A request with a seed wants the exact reply it got before: evaluating only part of
+        # the prompt changes the batch shape, which can move logits by rounding (see Limits).
+        if self.reuse_slots and req.kind == "generate" and req.params.seed is None:
+            full = req.prefix_tokens + req.tokens
+            limit = len(full) - 1  # the last token is always fed again: it gives the logits
+            for i, slot in enumerate(self._free_slots):
+                held = self._slot_tokens[slot]
+                n, top = 0, min(len(held), limit)
+                while n < top and held[n] == full[n]:
+                    n += 1
+                if n > best_n:
+                    best, best_n = i, n
+        if best_n == 0:  # no match: keep other chats' cells, take an empty slot if there is one
+            best = next((i for i, s in enumerate(self._free_slots) if not self._slot_tokens[s]), 0)
+        return self._free_slots.pop(best), best_n
+
+    def _decode(self) -> int:
+        """Decode the batch; when the KV cache is full (rc 1, nothing applied), free the cells
+        that finished chats left in idle slots and try once more."""
+        rc = self.rt.decode()
+        if rc == 1 and self._drop_idle_cells():
+            rc = self.rt.decode()
+        return rc
+
+    def _drop_idle_cells(self) -> bool:
+        """Free the cells that finished requests left in free slots; True if any were held."""
+        dropped = False
+        for slot in self._free_slots:
+            if self._slot_tokens[slot]:
+                self.rt.seq_rm(slot)
+                self._slot_tokens[slot].clear()
+                dropped = True
+        return dropped
 
     def _prefix_for(self, req: Request) -> tuple[int, int]:
         """The sequence holding this request's prefix, evaluating it on a miss; (-1, 0) if the
@@ -286,7 +349,7 @@ class Scheduler:
             self.rt.batch_clear()
             for i, tok in enumerate(tokens[start : start + step]):
                 self.rt.batch_add(tok, start + i, seq, False)
-            if self.rt.decode() != 0:
+            if self._decode() != 0:
                 log.error("prefix evaluation failed; continuing without cache for it")
                 return False
         self.counters["prompt_tokens"] += len(tokens)
@@ -304,9 +367,12 @@ class Scheduler:
         budget = rt.shape.n_batch
         for req in self._active:
             req.batch_index = -1
+            req.step_fed = 0
             if req.state is State.GENERATE:
                 req.batch_index = rt.batch_add(req.last_token, req.n_past, req.slot, True)
+                self._slot_tokens[req.slot].append(req.last_token)
                 req.n_past += 1
+                req.step_fed = 1
                 budget -= 1
         for req in self._active:
             if req.state is State.BRANCH:
@@ -327,13 +393,15 @@ class Scheduler:
                 i = rt.batch_add(tok, req.n_past + j, req.slot, last and j == len(chunk) - 1)
             if last:
                 req.batch_index = i
+            self._slot_tokens[req.slot].extend(chunk)
             req.n_past += len(chunk)
             req.n_fed += len(chunk)
+            req.step_fed = len(chunk)
             budget -= len(chunk)
             self.counters["prompt_tokens"] += len(chunk)
         if rt.batch_size == 0:
             return
-        rc = rt.decode()
+        rc = self._decode()
         self.counters["steps"] += 1
         if rc != 0:
             self._decode_failed(rc)
@@ -347,14 +415,19 @@ class Scheduler:
                 self._on_prompt_done(req, rt.logits(req.batch_index))
 
     def _decode_failed(self, rc: int) -> None:
-        # rc 1: no KV slot. Fail the newest prefilling request to make room; other codes are
-        # fatal for every request in the batch, whose cells may be half-written.
+        # rc 1: no KV slot, and llama.cpp applied nothing. Fail the newest prefilling request to
+        # make room and take the step back for the others, who run again next step. Other codes
+        # are fatal for every request in the batch, whose cells may be half-written.
+        victims = list(self._active)
         if rc == 1:
-            victims = [r for r in self._active if r.state is State.PREFILL][-1:]
-        else:
-            victims = list(self._active)
-        if not victims:
-            victims = list(self._active)
+            victims = [r for r in self._active if r.state is State.PREFILL][-1:] or victims
+            for req in self._active:
+                if req in victims or not req.step_fed:
+                    continue
+                req.n_past -= req.step_fed
+                if req.state is State.PREFILL:
+                    req.n_fed -= req.step_fed
+                del self._slot_tokens[req.slot][-req.step_fed :]
         for req in victims:
             self._end(
                 req, error=BackendError(f"llama_decode failed (code {rc}); retry the request")
@@ -420,7 +493,7 @@ class Scheduler:
 
     def ctx_limit(self, req: Request) -> int:
         """Last position a request may reach: its cached prefix plus its own context share."""
-        return req.cached_tokens + self.ctx_per_seq
+        return req.ctx_base + self.ctx_per_seq
 
     def _end(
         self,
@@ -434,7 +507,10 @@ class Scheduler:
             self._free_scratch.append(seq)
         req.branches = []
         if req.slot >= 0:
-            self.rt.seq_rm(req.slot)
+            if error is not None or not self.reuse_slots or req.kind != "generate":
+                # Failed requests may have half-written cells; classifications are not reused.
+                self.rt.seq_rm(req.slot)
+                self._slot_tokens[req.slot].clear()
             self._free_slots.append(req.slot)
             req.slot = -1
         if req in self._active:
