@@ -294,6 +294,9 @@ def cmd_soak(args: argparse.Namespace) -> int:
             sample_every=max(1, args.requests // 400),
             api_key=args.api_key,
             timeout_s=args.timeout,
+            max_tokens=args.max_tokens,
+            max_words=args.max_words,
+            max_history=args.max_history,
         )
         report = run_soak(
             url,
@@ -523,6 +526,16 @@ def build_parser() -> argparse.ArgumentParser:
     so.add_argument("--classify-task", default="sentiment")
     so.add_argument("--chat-task", default="chat")
     so.add_argument("--api-key", help="key for a server that requires one")
+    so.add_argument("--max-tokens", type=int, default=24, help="chat reply cap (24)")
+    so.add_argument(
+        "--max-words", type=int, default=200, help="longest text to classify, words (200)"
+    )
+    so.add_argument(
+        "--max-history",
+        type=int,
+        default=40,
+        help="messages a conversation grows to before it starts over (40)",
+    )
     so.add_argument(
         "--timeout", type=float, default=300.0, help="client timeout per request, s (300)"
     )

@@ -78,6 +78,8 @@ class SoakConfig:
     chat_task: str = "chat"
     model_id: str | None = None
     max_tokens: int = 24
+    max_words: int = 200  # longest random text sent for classification
+    max_history: int = 40  # messages a conversation grows to before it starts over
     seed: int = 0
     api_key: str | None = None
     timeout_s: float = 300.0
@@ -160,13 +162,13 @@ class Driver:
                     json={"task": self.cfg.classify_task, "input": "服务很好"},
                 )
             elif kind == 1:  # varied lengths, as a list
-                texts = [_text(rng, words, 1, 200) for _ in range(rng.randint(1, 4))]
+                texts = [_text(rng, words, 1, self.cfg.max_words) for _ in range(rng.randint(1, 4))]
                 r = client.post(
                     f"{self.url}/v1/classify", json={"task": self.cfg.classify_task, "input": texts}
                 )
             elif kind in (2, 3):  # multi-turn chat with growing history, plain or streamed
                 hist = self.local.history
-                if len(hist) > 40:
+                if len(hist) > self.cfg.max_history:
                     hist.clear()
                 hist.append({"role": "user", "content": _text(rng, words, 2, 60)})
                 body = {
