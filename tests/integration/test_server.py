@@ -41,6 +41,20 @@ def test_openai_sdk_streamed_chat(client):
     assert usage is not None and usage.completion_tokens <= 30
 
 
+def test_next_chat_turn_reports_the_earlier_turns_as_cached(client):
+    history = [{"role": "user", "content": "Name a colour."}]
+    first = client.chat.completions.create(model="qwen-default", messages=history, max_tokens=8)
+    history += [
+        {"role": "assistant", "content": first.choices[0].message.content},
+        {"role": "user", "content": "And an animal?"},
+    ]
+    second = client.chat.completions.create(model="qwen-default", messages=history, max_tokens=8)
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    # the first turn's prompt and reply were kept in the engine, not evaluated again
+    assert cached >= first.usage.prompt_tokens
+    assert cached < second.usage.prompt_tokens
+
+
 def test_models_lists_model_and_tasks(client):
     ids = {m.id for m in client.models.list()}
     assert {"qwen-default", "sentiment", "sentiment-en", "chat"} <= ids

@@ -86,12 +86,30 @@ class Choice(BaseModel):
     finish_reason: str
 
 
+class PromptTokensDetails(BaseModel):
+    """OpenAI's breakdown of the prompt tokens."""
+
+    cached_tokens: int = 0
+
+
 class UsageInfo(BaseModel):
-    """Token counts."""
+    """Token counts; ``prompt_tokens_details.cached_tokens`` are prompt tokens that were not
+    evaluated again (a cached task prefix, or the conversation's earlier turns)."""
 
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = None
+
+    @classmethod
+    def of(cls, usage) -> UsageInfo:
+        """From an engine's ``Usage``."""
+        return cls(
+            prompt_tokens=usage.prompt_tokens,
+            completion_tokens=usage.completion_tokens,
+            total_tokens=usage.prompt_tokens + usage.completion_tokens,
+            prompt_tokens_details=PromptTokensDetails(cached_tokens=usage.cached_tokens),
+        )
 
 
 def completion_id() -> str:

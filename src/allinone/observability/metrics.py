@@ -31,6 +31,7 @@ class EngineCollector:
             "steps": "Engine steps (llama_decode calls)",
             "prefix_hits": "Requests served from a cached task prefix",
             "prefix_misses": "Requests whose prefix had to be evaluated",
+            "reused_tokens": "Prompt tokens kept from the chat that ran before in a sequence",
             "finished": "Engine requests finished",
             "cancelled": "Engine requests cancelled (client gone, timeout)",
             "failed": "Engine requests failed",

@@ -129,11 +129,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
                 finish_reason=finished.reason,
             )
         ],
-        usage=UsageInfo(
-            prompt_tokens=finished.usage.prompt_tokens,
-            completion_tokens=finished.usage.completion_tokens,
-            total_tokens=finished.usage.prompt_tokens + finished.usage.completion_tokens,
-        ),
+        usage=UsageInfo.of(finished.usage),
     )
 
 
@@ -160,7 +156,6 @@ async def _stream(handle, model: str, include_usage: bool, timeout: float) -> As
                 continue
             yield _sse(chunk({}, value.reason))
             if include_usage:
-                u = value.usage
                 yield _sse(
                     {
                         "id": cid,
@@ -168,11 +163,7 @@ async def _stream(handle, model: str, include_usage: bool, timeout: float) -> As
                         "created": created,
                         "model": model,
                         "choices": [],
-                        "usage": {
-                            "prompt_tokens": u.prompt_tokens,
-                            "completion_tokens": u.completion_tokens,
-                            "total_tokens": u.prompt_tokens + u.completion_tokens,
-                        },
+                        "usage": UsageInfo.of(value.usage).model_dump(),
                     }
                 )
         yield "data: [DONE]\n\n"
