@@ -70,4 +70,8 @@ def test_sampling_with_a_seed_is_reproducible(service):
         h = backend.generate(prompt, GenerationParams(max_tokens=20, temperature=0.9, seed=seed))
         return "".join(v for k, v in h.events(timeout=60) if k == "text")
 
-    assert run(7) == run(7)
+    first = run(7)
+    # a chat in between leaves its cells in the engine for its next turn
+    other = backend.render_chat([{"role": "user", "content": "Name a colour."}], 0)
+    list(backend.generate(other, GenerationParams(max_tokens=8)).events(timeout=60))
+    assert run(7) == first

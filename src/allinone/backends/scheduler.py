@@ -246,6 +246,10 @@ class Scheduler:
             self.counters["cancelled"] += 1
             req.handle.finish(Finished("cancelled", Usage()))
             return
+        if req.kind == "generate" and req.params.seed is not None:
+            # Where a sequence's cells sit in the KV buffer changes the attention's rounding, so
+            # a seeded request starts from the layout it would find on an idle engine.
+            self._drop_idle_cells()
         n_prefix = len(req.prefix_tokens)
         req.slot, common = self._pick_slot(req)
         held = self._slot_tokens[req.slot]
