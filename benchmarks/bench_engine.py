@@ -253,17 +253,21 @@ def measure(url: str, model: str, llama: bool, texts: list[str], system: str) ->
     # Fresh texts for every measurement: llama-server caches whole prompts and would answer a
     # repeated text almost for free.
     asyncio.run(classify_latency(url, texts[:2], llama, system))  # task prefix into the cache
-    alone = asyncio.run(classify_latency(url, texts[2:22], llama, system))
+    # Alone and busy get different texts of matched lengths (neighbours in length order), so
+    # the ratio of their medians measures the chats' effect, not a difference in text length.
+    by_length = sorted(texts[2:42], key=len)
+    alone = asyncio.run(classify_latency(url, by_length[0::2], llama, system))
     busy = asyncio.run(
-        classify_latency(url, texts[22:32], llama, system, background=7, model=model)
+        classify_latency(url, by_length[1::2], llama, system, background=7, model=model)
     )
     out["classify_ms_p50_alone"] = round(statistics.median(alone), 1)
     out["classify_ms_p50_with_7_chats"] = round(statistics.median(busy), 1)
+    by_length = sorted(texts[42:90], key=len)
     out["classify_texts_per_s_1_client"] = round(
-        asyncio.run(classify_throughput(url, texts[32:56], 1, llama, system)), 2
+        asyncio.run(classify_throughput(url, by_length[0::2], 1, llama, system)), 2
     )
     out["classify_texts_per_s_8_clients"] = round(
-        asyncio.run(classify_throughput(url, texts[56:80], 8, llama, system)), 2
+        asyncio.run(classify_throughput(url, by_length[1::2], 8, llama, system)), 2
     )
     out["ttft_ms_new_chat_with_7_generating"] = round(
         asyncio.run(ttft_under_load(url, model, llama)), 1
@@ -286,7 +290,7 @@ def main() -> None:
     binary = subprocess.run([str(build)], capture_output=True, text=True, check=True).stdout.strip()
     task_file = Path(__file__).resolve().parents[1] / "src/allinone/tasks/builtin/sentiment.toml"
     system = tomllib.loads(task_file.read_text(encoding="utf-8"))["system"]
-    texts = [t for _, t in read_tsv(SHARED_DATA / "chnsenticorp" / "test.tsv", 80)]
+    texts = [t for _, t in read_tsv(SHARED_DATA / "chnsenticorp" / "test.tsv", 90)]
     raw = raw_decode_rate(model, args.threads)
     print(f"raw single-sequence decode: {raw:.1f} tokens/s", flush=True)
     results = {"raw_decode_tokens_per_s": round(raw, 1), "by_parallel": {}}

@@ -45,8 +45,21 @@ def rss_mb(pid: int | None = None) -> float:
 
 def machine() -> dict:
     """What the figures were measured on."""
+    model, flags = "", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and not model:
+                model = value.strip()
+            elif key.strip() == "flags" and not flags:
+                flags = set(value.split())
+    except OSError:
+        pass
     return {
         "cpu": platform.processor() or platform.machine(),
+        "cpu_model": model,
+        # the SIMD that decides which llama.cpp and torch kernels run
+        "simd": sorted(flags & {"avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16"}),
         "cores": len(os.sched_getaffinity(0)),
         "ram_gb": round(psutil.virtual_memory().total / 2**30, 1),
         "python": platform.python_version(),

@@ -360,9 +360,7 @@ def cmd_models(args: argparse.Namespace) -> int:
                     "sha256": e.sha256,
                     "present": present,
                     "path": str(fetching.model_path(e, cache)),
-                    "source": "pypi: "
-                    + ", ".join(f"{p.package}=={p.version}" for p in e.parts[:2])
-                    + (f", ... ({len(e.parts)} wheels)" if len(e.parts) > 2 else ""),
+                    "source": e.source(),
                     "license": e.license,
                 }
             )

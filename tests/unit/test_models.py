@@ -46,3 +46,12 @@ def test_path_must_be_an_existing_gguf(tmp_path):
     bad.write_bytes(b"not a model")
     with pytest.raises(ModelFetchError, match="not a GGUF"):
         ensure_model(str(bad))
+
+
+def test_derived_models_name_a_downloadable_base():
+    derived = [e for e in CATALOG.values() if e.derived is not None]
+    assert [e.name for e in derived] == [get_entry("fast-classify").name]
+    for e in derived:
+        base = get_entry(e.derived.base)
+        assert base is not None and base.derived is None and base.parts
+        assert not e.parts and "derived from" in e.source()

@@ -261,8 +261,7 @@ class Scheduler:
             req.ctx_base = n_prefix
             self.counters["reused_tokens"] += common
         else:
-            self.rt.seq_rm(req.slot)
-            held.clear()
+            self._clear_slot(req.slot)
             prefix_seq, n_cached = self._prefix_for(req)
             if prefix_seq >= 0:
                 self.rt.seq_cp(prefix_seq, req.slot)
@@ -282,9 +281,7 @@ class Scheduler:
         """Take a free slot: the one whose cells share the longest start with this chat's
         tokens, else the least recently used; returns (slot, tokens it can keep)."""
         best, best_n = 0, 0
-        # A request with a seed wants the exact reply it got before: evaluating only part of
-        # the prompt changes the batch shape, which can move logits by rounding (see Limits).
-        if self.reuse_slots and req.kind == "generate" and req.params.seed is None:
+        if self._reuses(req):
             full = req.prefix_tokens + req.tokens
             limit = len(full) - 1  # the last token is always fed again: it gives the logits
             for i, slot in enumerate(self._free_slots):
@@ -297,6 +294,15 @@ class Scheduler:
         if best_n == 0:  # no match: keep other chats' cells, take an empty slot if there is one
             best = next((i for i, s in enumerate(self._free_slots) if not self._slot_tokens[s]), 0)
         return self._free_slots.pop(best), best_n
+
+    def _reuses(self, req: Request) -> bool:
+        """Whether a request may start from, and leave behind, cells of earlier turns.
+
+        A classification or a request with a seed wants the exact result it got before:
+        evaluating only part of the prompt changes the batch shape, which can move logits by
+        rounding (see Limits in the README).
+        """
+        return self.reuse_slots and req.kind == "generate" and req.params.seed is None
 
     def _decode(self) -> int:
         """Decode the batch; when the KV cache is full (rc 1, nothing applied), free the cells
@@ -311,10 +317,14 @@ class Scheduler:
         dropped = False
         for slot in self._free_slots:
             if self._slot_tokens[slot]:
-                self.rt.seq_rm(slot)
-                self._slot_tokens[slot].clear()
+                self._clear_slot(slot)
                 dropped = True
         return dropped
+
+    def _clear_slot(self, slot: int) -> None:
+        """Remove a slot's cells and forget the tokens it held."""
+        self.rt.seq_rm(slot)
+        self._slot_tokens[slot].clear()
 
     def _prefix_for(self, req: Request) -> tuple[int, int]:
         """The sequence holding this request's prefix, evaluating it on a miss; (-1, 0) if the
@@ -511,10 +521,9 @@ class Scheduler:
             self._free_scratch.append(seq)
         req.branches = []
         if req.slot >= 0:
-            if error is not None or not self.reuse_slots or req.kind != "generate":
-                # Failed requests may have half-written cells; classifications are not reused.
-                self.rt.seq_rm(req.slot)
-                self._slot_tokens[req.slot].clear()
+            if error is not None or not self._reuses(req):
+                # Failed requests may have half-written cells.
+                self._clear_slot(req.slot)
             self._free_slots.append(req.slot)
             req.slot = -1
         if req in self._active:

