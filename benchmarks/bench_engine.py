@@ -1,7 +1,10 @@
 """The engine under load, side by side with llama.cpp's own llama-server in one run.
 
-Same GGUF, same threads, same number of parallel sequences. Measured through HTTP on loopback:
-  - chat: 8 concurrent clients x 64-token replies, aggregate tokens/s (parallel 4, then 8);
+Same GGUF, same threads, same number of parallel sequences. Both servers run at once (an idle
+one takes no CPU) and each figure is taken from one, then the other, so that the machine's drift
+in speed over minutes hits both. Measured through HTTP on loopback:
+  - chat: 8 concurrent clients x 64-token replies, aggregate tokens/s (parallel 4, then 8;
+    median of 3 rounds);
     one client's tokens/s against the raw single-sequence decode rate (no HTTP, no Python loop
     around requests: llama_decode one token at a time);
   - classification: median latency of single requests (llama-server: a grammar of the labels and
@@ -43,6 +46,7 @@ CHAT_PROMPTS = [
     "详细描述一下你理想中的城市。",
 ]
 SENTIMENT_SYSTEM = None  # read from the task file at run time
+ROUNDS = 3  # chat load rounds per server; the median is reported
 
 
 class LlamaServer:
@@ -246,32 +250,50 @@ async def ttft_under_load(url: str, model: str, llama: bool) -> float:
     return ttft * 1000
 
 
-def measure(url: str, model: str, llama: bool, texts: list[str], system: str) -> dict:
-    out = {}
-    out["chat_8_clients"] = asyncio.run(chat_load(url, model, 8, 64, llama))
-    out["chat_1_client"] = asyncio.run(chat_load(url, model, 1, 64, llama))
+def measure(servers: dict[str, tuple[str, bool]], texts: list[str], system: str) -> dict:
+    """Every figure for each server ({name: (url, is_llama_server)}), taken back to back per
+    figure so that drift in the machine's speed (several percent over minutes) hits both."""
+    out: dict[str, dict] = {name: {} for name in servers}
+    names = list(servers)
+
+    def each():
+        for name in names:
+            yield name, *servers[name]
+
+    # A 64-token round lasts seconds, so one round is noisy: take the median of a few, and
+    # alternate which server goes first.
+    for key, clients in (("chat_8_clients", 8), ("chat_1_client", 1)):
+        rounds: dict[str, list[dict]] = {name: [] for name in names}
+        for r in range(ROUNDS):
+            for name in names if r % 2 == 0 else names[::-1]:
+                url, llama = servers[name]
+                rounds[name].append(asyncio.run(chat_load(url, "m", clients, 64, llama)))
+        for name, rs in rounds.items():
+            rs.sort(key=lambda x: x["tokens_per_s"])
+            out[name][key] = {**rs[len(rs) // 2], "rounds": [x["tokens_per_s"] for x in rs]}
     # Fresh texts for every measurement: llama-server caches whole prompts and would answer a
-    # repeated text almost for free.
-    asyncio.run(classify_latency(url, texts[:2], llama, system))  # task prefix into the cache
-    # Alone and busy get different texts of matched lengths (neighbours in length order), so
-    # the ratio of their medians measures the chats' effect, not a difference in text length.
+    # repeated text almost for free. Alone and busy get different texts of matched lengths
+    # (neighbours in length order), so the ratio of their medians measures the chats' effect,
+    # not a difference in text length.
     by_length = sorted(texts[2:42], key=len)
-    alone = asyncio.run(classify_latency(url, by_length[0::2], llama, system))
-    busy = asyncio.run(
-        classify_latency(url, by_length[1::2], llama, system, background=7, model=model)
-    )
-    out["classify_ms_p50_alone"] = round(statistics.median(alone), 1)
-    out["classify_ms_p50_with_7_chats"] = round(statistics.median(busy), 1)
+    for name, url, llama in each():
+        asyncio.run(classify_latency(url, texts[:2], llama, system))  # prefix into the cache
+        alone = asyncio.run(classify_latency(url, by_length[0::2], llama, system))
+        out[name]["classify_ms_p50_alone"] = round(statistics.median(alone), 1)
+    for name, url, llama in each():
+        busy = asyncio.run(
+            classify_latency(url, by_length[1::2], llama, system, background=7, model="m")
+        )
+        out[name]["classify_ms_p50_with_7_chats"] = round(statistics.median(busy), 1)
     by_length = sorted(texts[42:90], key=len)
-    out["classify_texts_per_s_1_client"] = round(
-        asyncio.run(classify_throughput(url, by_length[0::2], 1, llama, system)), 2
-    )
-    out["classify_texts_per_s_8_clients"] = round(
-        asyncio.run(classify_throughput(url, by_length[1::2], 8, llama, system)), 2
-    )
-    out["ttft_ms_new_chat_with_7_generating"] = round(
-        asyncio.run(ttft_under_load(url, model, llama)), 1
-    )
+    for clients, half in ((1, by_length[0::2]), (8, by_length[1::2])):
+        key = f"classify_texts_per_s_{clients}_client" + ("s" if clients > 1 else "")
+        for name, url, llama in each():
+            rate = asyncio.run(classify_throughput(url, half, clients, llama, system))
+            out[name][key] = round(rate, 2)
+    for name, url, llama in each():
+        ttft = asyncio.run(ttft_under_load(url, "m", llama))
+        out[name]["ttft_ms_new_chat_with_7_generating"] = round(ttft, 1)
     return out
 
 
@@ -291,11 +313,8 @@ def main() -> None:
     task_file = Path(__file__).resolve().parents[1] / "src/allinone/tasks/builtin/sentiment.toml"
     system = tomllib.loads(task_file.read_text(encoding="utf-8"))["system"]
     texts = [t for _, t in read_tsv(SHARED_DATA / "chnsenticorp" / "test.tsv", 90)]
-    raw = raw_decode_rate(model, args.threads)
-    print(f"raw single-sequence decode: {raw:.1f} tokens/s", flush=True)
-    results = {"raw_decode_tokens_per_s": round(raw, 1), "by_parallel": {}}
+    results = {"by_parallel": {}}
     for p in [int(x) for x in args.parallel.split(",")]:
-        row = {}
         srv = ServerProcess(
             str(model),
             {
@@ -305,19 +324,21 @@ def main() -> None:
                 "ALLINONE_MODEL_ID": "m",
             },
         )
-        srv.wait_ready()
-        try:
-            row["allinone"] = measure(srv.url, "m", False, texts, system)
+        ls = LlamaServer(binary, model, p, args.ctx_per_seq, args.threads)
+        try:  # both up at once (an idle server takes no CPU), measured in turns
+            srv.wait_ready()
+            ls.wait_ready()
+            # The raw rate is taken now, next to the figures it is compared with.
+            raw = raw_decode_rate(model, args.threads)
+            row = measure(
+                {"allinone": (srv.url, False), "llama-server": (ls.url, True)}, texts, system
+            )
+            row["raw_decode_tokens_per_s"] = round(raw, 1)
         finally:
             srv.stop()
-        ls = LlamaServer(binary, model, p, args.ctx_per_seq, args.threads)
-        ls.wait_ready()
-        try:
-            row["llama-server"] = measure(ls.url, "m", True, texts, system)
-        finally:
             ls.stop()
         results["by_parallel"][p] = row
-        print(f"\nparallel {p}:", flush=True)
+        print(f"\nparallel {p} (raw single-sequence decode {raw:.1f} tokens/s):", flush=True)
         print(f"{'figure':<40}{'allinone':>12}{'llama-server':>14}{'ratio':>8}")
         a, b = row["allinone"], row["llama-server"]
         for key, pick, higher in [

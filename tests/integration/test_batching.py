@@ -45,6 +45,31 @@ def test_classification_same_alone_and_while_seven_requests_run(service):
             assert a.scores[lab] == pytest.approx(b.scores[lab], abs=TOLERANCE)
 
 
+def test_long_text_among_generating_requests_runs_split_and_scores_the_same(service):
+    # Prompt tokens plus the generating sequences' tokens reach 64: the engine decodes them in
+    # two calls (see scheduler._MIXED_STEP_SPLIT); the answer must not change.
+    text = "房间很大，床很舒服，早餐种类丰富，服务员态度热情，位置也方便，离地铁站只有五分钟。" * 3
+    (alone,) = service.classify("sentiment", [text])
+    before = service.backend.stats()
+    stop = threading.Event()
+    handles = _busy(service.backend, 3, stop)  # 3 of the 4 sequences: the text gets the 4th
+    try:
+        for _ in range(600):  # until all three generate (at most a minute)
+            if service.backend.stats()["generated_tokens"] >= before["generated_tokens"] + 6:
+                break
+            stop.wait(0.1)
+        (busy,) = service.classify("sentiment", [text])
+    finally:
+        stop.set()
+        for h in handles:
+            h.result(timeout=120)
+    assert alone.prompt_tokens - alone.cached_tokens >= 64
+    assert service.backend.stats()["split_steps"] > before["split_steps"]
+    assert busy.label == alone.label == "正面"
+    for lab in alone.scores:
+        assert alone.scores[lab] == pytest.approx(busy.scores[lab], abs=TOLERANCE)
+
+
 def test_concurrent_chats_all_honour_the_task_caps(service):
     task = service.tasks.get("chat")
     plans = [

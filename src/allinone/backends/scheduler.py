@@ -1,7 +1,8 @@
 """The engine loop: one thread owns the llama.cpp context and runs every request in shared steps.
 
 Each step is one ``llama_decode`` over all active sequences: one token for each generating
-sequence, the branch tokens of multi-token labels, and prompt chunks of newly admitted requests.
+sequence, the branch tokens of multi-token labels, and prompt chunks of newly admitted requests
+(two decodes when a big prompt chunk meets generating sequences: see ``_MIXED_STEP_SPLIT``).
 Requests join and leave between steps (continuous batching).
 
 Sequence ids are split into three pools: request slots (``parallel``), cached task prefixes, and
@@ -47,6 +48,14 @@ log = logging.getLogger(__name__)
 # Sampling with temperature looks at the most likely tokens only; the tail beyond them carries
 # negligible mass and sorting all 150k logits every step would cost milliseconds.
 _TOP_CANDIDATES = 1000
+
+# A step that mixes generating sequences with prompt tokens is run as two decodes (the
+# generating tokens, then the prompt chunks) once it would reach this many tokens. From 64 rows
+# llama.cpp's CPU flash attention takes another path, which for a batch of several sequences in
+# the unified KV cache scans every sequence's cells for every row: measured here with 7 chats at
+# 900 tokens each, a 56-token prompt plus their 7 tokens took 398 ms in one decode, a 57-token
+# prompt 970 ms in one and 446 ms in two.
+_MIXED_STEP_SPLIT = 64
 
 
 class State(enum.Enum):
@@ -154,6 +163,7 @@ class Scheduler:
         self.alive = False
         self.counters = {
             "steps": 0,
+            "split_steps": 0,
             "prompt_tokens": 0,
             "generated_tokens": 0,
             "prefix_hits": 0,
@@ -370,26 +380,39 @@ class Scheduler:
         return True
 
     def _step(self) -> None:
-        rt = self.rt
         # Cancelled requests leave before the step so their sequences are free for others.
         for req in list(self._active):
             if req.handle.cancelled.is_set():
                 self._end(req, reason="cancelled")
         if not self._active:
             return
+        stepping = sum(r.state in (State.GENERATE, State.BRANCH) for r in self._active)
+        prompt = sum(len(r.tokens) - r.n_fed for r in self._active if r.state is State.PREFILL)
+        if stepping and stepping + min(prompt, self.rt.shape.n_batch) >= _MIXED_STEP_SPLIT:
+            # See _MIXED_STEP_SPLIT: two decodes cost less than one mixed one of this size.
+            self.counters["split_steps"] += 1
+            self._decode_step(prefill=False)
+            self._decode_step(generate=False)
+        else:
+            self._decode_step()
+
+    def _decode_step(self, generate: bool = True, prefill: bool = True) -> None:
+        """One llama_decode over the generating sequences' next tokens and label branches
+        (``generate``) and the prompt chunks of requests being admitted (``prefill``)."""
+        rt = self.rt
         rt.batch_clear()
         budget = rt.shape.n_batch
         for req in self._active:
             req.batch_index = -1
             req.step_fed = 0
-            if req.state is State.GENERATE:
+            if generate and req.state is State.GENERATE:
                 req.batch_index = rt.batch_add(req.last_token, req.n_past, req.slot, True)
                 self._slot_tokens[req.slot].append(req.last_token)
                 req.n_past += 1
                 req.step_fed = 1
                 budget -= 1
         for req in self._active:
-            if req.state is State.BRANCH:
+            if generate and req.state is State.BRANCH:
                 need = sum(len(toks) for _, _, toks in req.branches)
                 if need > budget:  # wait for a step with room; rare (labels are short)
                     continue
@@ -399,7 +422,7 @@ class Scheduler:
                         rt.batch_add(tok, req.n_past + j, seq, True)
                 budget -= need
         for req in self._active:
-            if req.state is not State.PREFILL or budget <= 0:
+            if not prefill or req.state is not State.PREFILL or budget <= 0:
                 continue
             chunk = req.tokens[req.n_fed : req.n_fed + budget]
             last = req.n_fed + len(chunk) == len(req.tokens)

@@ -28,7 +28,8 @@ class EngineCollector:
         counters = {
             "prompt_tokens": "Prompt tokens evaluated (cached prefix tokens excluded)",
             "generated_tokens": "Tokens generated",
-            "steps": "Engine steps (llama_decode calls)",
+            "steps": "llama_decode calls",
+            "split_steps": "Steps run as two decodes (a big prompt chunk met generating sequences)",
             "prefix_hits": "Requests served from a cached task prefix",
             "prefix_misses": "Requests whose prefix had to be evaluated",
             "reused_tokens": "Prompt tokens kept from the chat that ran before in a sequence",
