@@ -16,6 +16,7 @@ if [ "${SKIP_ACCURATE:-}" != 1 ]; then
 fi
 $A calibrate --model default --task sentiment $D/chnsenticorp/dev_clean.tsv $(lim 400) > "$OUT/calibrate-default.txt"
 run default-test --model default --task sentiment $D/chnsenticorp/test.tsv
+run fast-classify-test --model fast-classify --task sentiment $D/chnsenticorp/test.tsv
 run default-test_clean --model default --task sentiment $D/chnsenticorp/test_clean.tsv
 run default-sst2 --model default --task sentiment-en $D/sst2/dev.tsv $(lim 400)
 run default-waimai --model default --task sentiment $D/waimai/balanced_4000.tsv $(lim 400)
