@@ -250,7 +250,23 @@ async def ttft_under_load(url: str, model: str, llama: bool) -> float:
     return ttft * 1000
 
 
-def measure(servers: dict[str, tuple[str, bool]], texts: list[str], system: str) -> dict:
+# (label, value of one server's results, higher is better)
+CLASSIFY_FIGURES = [
+    ("classify p50 ms, alone", lambda r: r["classify_ms_p50_alone"], False),
+    ("classify p50 ms, 7 chats running", lambda r: r["classify_ms_p50_with_7_chats"], False),
+    ("classify texts/s, 1 client", lambda r: r["classify_texts_per_s_1_client"], True),
+    ("classify texts/s, 8 clients", lambda r: r["classify_texts_per_s_8_clients"], True),
+    ("TTFT ms, new chat + 7 generating", lambda r: r["ttft_ms_new_chat_with_7_generating"], False),
+]
+
+
+def measure(
+    servers: dict[str, tuple[str, bool]],
+    texts: list[str],
+    system: str,
+    rounds: int = ROUNDS,
+    chat_only: bool = False,
+) -> dict:
     """Every figure for each server ({name: (url, is_llama_server)}), taken back to back per
     figure so that drift in the machine's speed (several percent over minutes) hits both."""
     out: dict[str, dict] = {name: {} for name in servers}
@@ -263,14 +279,19 @@ def measure(servers: dict[str, tuple[str, bool]], texts: list[str], system: str)
     # A 64-token round lasts seconds, so one round is noisy: take the median of a few, and
     # alternate which server goes first.
     for key, clients in (("chat_8_clients", 8), ("chat_1_client", 1)):
-        rounds: dict[str, list[dict]] = {name: [] for name in names}
-        for r in range(ROUNDS):
+        runs: dict[str, list[dict]] = {name: [] for name in names}
+        for r in range(rounds):
             for name in names if r % 2 == 0 else names[::-1]:
                 url, llama = servers[name]
-                rounds[name].append(asyncio.run(chat_load(url, "m", clients, 64, llama)))
-        for name, rs in rounds.items():
-            rs.sort(key=lambda x: x["tokens_per_s"])
-            out[name][key] = {**rs[len(rs) // 2], "rounds": [x["tokens_per_s"] for x in rs]}
+                runs[name].append(asyncio.run(chat_load(url, "m", clients, 64, llama)))
+        for name, rs in runs.items():
+            in_order = [x["tokens_per_s"] for x in rs]
+            out[name][key] = {
+                **sorted(rs, key=lambda x: x["tokens_per_s"])[len(rs) // 2],
+                "rounds": in_order,
+            }
+    if chat_only:
+        return out
     # Fresh texts for every measurement: llama-server caches whole prompts and would answer a
     # repeated text almost for free. Alone and busy get different texts of matched lengths
     # (neighbours in length order), so the ratio of their medians measures the chats' effect,
@@ -306,6 +327,8 @@ def main() -> None:
     ap.add_argument("--parallel", default="4,8")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--ctx-per-seq", type=int, default=1024)
+    ap.add_argument("--rounds", type=int, default=ROUNDS, help="chat rounds per server")
+    ap.add_argument("--chat-only", action="store_true", help="skip the classification figures")
     args = ap.parse_args()
     model = ensure_model("default")
     build = Path(__file__).with_name("build_llama_server.sh")
@@ -331,7 +354,11 @@ def main() -> None:
             # The raw rate is taken now, next to the figures it is compared with.
             raw = raw_decode_rate(model, args.threads)
             row = measure(
-                {"allinone": (srv.url, False), "llama-server": (ls.url, True)}, texts, system
+                {"allinone": (srv.url, False), "llama-server": (ls.url, True)},
+                texts,
+                system,
+                args.rounds,
+                args.chat_only,
             )
             row["raw_decode_tokens_per_s"] = round(raw, 1)
         finally:
@@ -341,30 +368,33 @@ def main() -> None:
         print(f"\nparallel {p} (raw single-sequence decode {raw:.1f} tokens/s):", flush=True)
         print(f"{'figure':<40}{'allinone':>12}{'llama-server':>14}{'ratio':>8}")
         a, b = row["allinone"], row["llama-server"]
-        for key, pick, higher in [
+        # Rounds ran in turns, so round i of one server is paired with round i of the other.
+        paired = [
+            x / y
+            for x, y in zip(
+                a["chat_8_clients"]["rounds"], b["chat_8_clients"]["rounds"], strict=True
+            )
+        ]
+        row["chat_8_clients_paired_ratio_median"] = round(statistics.median(paired), 3)
+        print(
+            f"chat 8 clients, round by round: {' '.join(f'{x:.2f}' for x in paired)} "
+            f"(median {statistics.median(paired):.2f}x)"
+        )
+        figures = [
             ("chat 8 clients, tokens/s", lambda r: r["chat_8_clients"]["tokens_per_s"], True),
             ("chat 1 client, tokens/s", lambda r: r["chat_1_client"]["tokens_per_s"], True),
-            ("classify p50 ms, alone", lambda r: r["classify_ms_p50_alone"], False),
-            (
-                "classify p50 ms, 7 chats running",
-                lambda r: r["classify_ms_p50_with_7_chats"],
-                False,
-            ),
-            ("classify texts/s, 1 client", lambda r: r["classify_texts_per_s_1_client"], True),
-            ("classify texts/s, 8 clients", lambda r: r["classify_texts_per_s_8_clients"], True),
-            (
-                "TTFT ms, new chat + 7 generating",
-                lambda r: r["ttft_ms_new_chat_with_7_generating"],
-                False,
-            ),
-        ]:
+        ]
+        if not args.chat_only:
+            figures += CLASSIFY_FIGURES
+        for key, pick, higher in figures:
             va, vb = pick(a), pick(b)
             ratio = (va / vb) if higher else (vb / va)
             print(f"{key:<40}{va:>12}{vb:>14}{ratio:>7.2f}x")
         one = a["chat_1_client"]["per_client_tokens_per_s"]
         print(f"one client vs raw decode: {one} / {raw:.1f} = {one / raw:.2f}")
-        busy_ratio = a["classify_ms_p50_with_7_chats"] / a["classify_ms_p50_alone"]
-        print(f"classification with 7 chats running / alone: {busy_ratio:.2f}x")
+        if not args.chat_only:
+            busy_ratio = a["classify_ms_p50_with_7_chats"] / a["classify_ms_p50_alone"]
+            print(f"classification with 7 chats running / alone: {busy_ratio:.2f}x")
     results["machine"] = machine()
     results["threads"] = args.threads
     print(f"saved {write_result('engine', results)}")
