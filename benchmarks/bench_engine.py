@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
 import statistics
@@ -47,6 +48,11 @@ CHAT_PROMPTS = [
 ]
 SENTIMENT_SYSTEM = None  # read from the task file at run time
 ROUNDS = 3  # chat load rounds per server; the median is reported
+# Every chat opens with a tag never sent before: llama-server keeps whole prompts in RAM
+# (--cache-ram) and, given the same prompt again, evaluates one token of it, so repeated
+# rounds would measure its cache, not serving. With the tag, both servers can reuse the
+# chat template's head (system prompt) and nothing more, as with real users' messages.
+_chat_ids = itertools.count()
 
 
 class LlamaServer:
@@ -134,7 +140,7 @@ async def chat_once(
     """One streamed chat: (completion tokens, time to first token, total seconds)."""
     body = {
         "model": model,
-        "messages": [{"role": "user", "content": prompt}],
+        "messages": [{"role": "user", "content": f"#{next(_chat_ids):05d} {prompt}"}],
         "max_tokens": max_tokens,
         "temperature": 0,
         "stream": True,
