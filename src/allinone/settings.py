@@ -75,6 +75,13 @@ class EngineSettings(BaseSettings):
         description="Keep a finished chat's KV cells in its sequence so the next turn of the "
         "conversation evaluates only its new tokens",
     )
+    prompt_cache_mb: int = Field(
+        128,
+        ge=0,
+        le=1048576,
+        description="Host memory for finished chats' KV cells, restored when a conversation "
+        "returns after its sequence went to another request (0: off)",
+    )
     max_queue: int = Field(
         1024,
         ge=1,

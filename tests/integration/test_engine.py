@@ -187,6 +187,49 @@ def test_next_chat_turn_evaluates_only_its_new_tokens(tiny_backend_factory):
     assert_no_leaks(backend)
 
 
+def _conversation(backend, turns):
+    messages = [{"role": "system", "content": "You are a helpful assistant."}]
+    for user, reply in turns:
+        messages.append({"role": "user", "content": user})
+        if reply is not None:
+            messages.append({"role": "assistant", "content": reply})
+    return backend.render_chat(messages, 1)
+
+
+FIRST_QUESTION = (
+    "I am planning a garden with roses, tulips, lavender and sunflowers along a south wall. "
+    "Which of them need the most water in a dry summer?"
+)
+
+
+@pytest.mark.parametrize("cache_mb", [16, 0])
+def test_a_conversation_whose_slot_was_taken_comes_back_from_host_memory(
+    tiny_backend_factory, cache_mb
+):
+    backend = tiny_backend_factory(parallel=1, prompt_cache_mb=cache_mb)
+    params = GenerationParams(max_tokens=16)
+    first = _conversation(backend, [(FIRST_QUESTION, None)])
+    reply, fin1 = collect(backend.generate(first, params))
+    # another user's chat takes the only sequence
+    collect(backend.generate(chat_prompt(backend, "Tell me about the sea."), params))
+    second = _conversation(backend, [(FIRST_QUESTION, reply), ("And in spring?", None)])
+    text, fin2 = collect(backend.generate(second, params))
+    if cache_mb:
+        # the whole first turn came back from host memory instead of being evaluated again
+        turn1 = fin1.usage.prompt_tokens + fin1.usage.completion_tokens
+        assert fin2.usage.cached_tokens >= turn1 - 2
+        assert backend.stats()["restored_tokens"] == fin2.usage.cached_tokens
+        assert 0 < backend.stats()["prompt_cache_bytes"] <= 16 * 2**20
+    else:
+        assert fin2.usage.cached_tokens < 20  # the shared system prompt at most
+        assert backend.stats()["prompt_cache_entries"] == 0
+    # and the reply is the one a fresh evaluation of the whole conversation gives
+    fresh = tiny_backend_factory(parallel=1, reuse_slots=False)
+    expected, _ = collect(fresh.generate(second, params))
+    assert text == expected
+    assert_no_leaks(backend)
+
+
 def test_a_classification_never_reuses_what_ran_before(tiny_backend_factory):
     backend = tiny_backend_factory(parallel=1)
     p = chat_prompt(backend, "Is this good or bad? The room was clean.")

@@ -81,6 +81,7 @@ class LlamaCppBackend(Backend):
             max_queue=s.max_queue,
             seed=s.seed,
             reuse_slots=s.reuse_slots,
+            prompt_cache_bytes=s.prompt_cache_mb * 1024 * 1024,
         )
         self.scheduler.start()
         self.load_seconds = time.perf_counter() - t0

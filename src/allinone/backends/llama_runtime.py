@@ -179,6 +179,26 @@ class LlamaRuntime:
         """Make ``dst`` share all of ``src``'s cells (no copy in a unified KV cache)."""
         self.lib.llama_memory_seq_cp(self.mem, src, dst, -1, -1)
 
+    def seq_save(self, seq: int) -> bytearray:
+        """A copy of ``seq``'s cells (positions and K/V rows) for ``seq_restore``."""
+        lib = self.lib
+        size = lib.llama_state_seq_get_size(self.ctx, seq)
+        data = bytearray(size)
+        written = lib.llama_state_seq_get_data(
+            self.ctx, (ctypes.c_uint8 * size).from_buffer(data), size, seq
+        )
+        del data[written:]
+        return data
+
+    def seq_restore(self, seq: int, data: bytearray) -> bool:
+        """Replace ``seq``'s cells with saved ones; False (and ``seq`` empty) when the cache has
+        no room for them."""
+        buf = (ctypes.c_uint8 * len(data)).from_buffer(data)
+        if self.lib.llama_state_seq_set_data(self.ctx, buf, len(data), seq) == 0:
+            self.seq_rm(seq)
+            return False
+        return True
+
     def seq_pos_max(self, seq: int) -> int:
         """Largest position stored for ``seq`` (-1 when empty)."""
         return int(self.lib.llama_memory_seq_pos_max(self.mem, seq))

@@ -16,6 +16,10 @@ rest is evaluated, so the next turn of a conversation costs its new tokens only.
 and seeded sampling never reuse beyond the task prefix, so their results do not depend on what
 ran before.
 
+Finished chats whose slot goes to another request are saved to host memory first
+(``PromptCache``, ``prompt_cache_bytes``) and restored when the conversation comes back, as
+llama-server's ``--cache-ram`` does.
+
 A request's life: queued -> prefill -> (generate | branch) -> finished or cancelled; its sequence
 is freed at the step it ends.
 """
@@ -42,6 +46,7 @@ from allinone.backends.base import (
     Usage,
 )
 from allinone.backends.llama_runtime import LlamaRuntime
+from allinone.backends.prompt_cache import PromptCache
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +61,13 @@ _TOP_CANDIDATES = 1000
 # 900 tokens each, a 56-token prompt plus their 7 tokens took 398 ms in one decode, a 57-token
 # prompt 970 ms in one and 446 ms in two.
 _MIXED_STEP_SPLIT = 64
+
+# A slot's chat cells go to host memory when at least this many tokens would be lost (saving
+# costs a copy of every cell of the sequence; a short tail is cheaper to evaluate again).
+_SAVE_MIN_TOKENS = 32
+# A saved conversation is restored when it keeps at least this many more tokens than the best
+# slot does (restoring copies all its cells back, ~1 ms for a thousand tokens here).
+_RESTORE_MIN_GAIN = 16
 
 
 class State(enum.Enum):
@@ -138,6 +150,7 @@ class Scheduler:
         max_queue: int,
         seed: int = 0,
         reuse_slots: bool = True,
+        prompt_cache_bytes: int = 0,
     ) -> None:
         self.rt = rt
         self.parallel = parallel
@@ -146,6 +159,7 @@ class Scheduler:
         self.prefix_cache_tokens = prefix_cache_tokens
         self.seed = seed
         self.reuse_slots = reuse_slots
+        self._ram = PromptCache(prompt_cache_bytes) if reuse_slots and prompt_cache_bytes else None
         self._queue: queue.Queue[Request] = queue.Queue(maxsize=max_queue)
         self._free_slots = list(range(parallel))  # least recently freed first
         # the tokens each slot's cells hold, position by position
@@ -169,6 +183,8 @@ class Scheduler:
             "prefix_hits": 0,
             "prefix_misses": 0,
             "reused_tokens": 0,
+            "restored_tokens": 0,
+            "prompt_cache_saves": 0,
             "finished": 0,
             "cancelled": 0,
             "failed": 0,
@@ -210,6 +226,8 @@ class Scheduler:
             "queue_depth": self._queue.qsize(),
             "active": len(self._active),
             "cached_prefixes": len(self._prefixes),
+            "prompt_cache_entries": len(self._ram) if self._ram is not None else 0,
+            "prompt_cache_bytes": self._ram.bytes if self._ram is not None else 0,
             **self.counters,
         }
 
@@ -262,7 +280,11 @@ class Scheduler:
             self._drop_idle_cells()
         n_prefix = len(req.prefix_tokens)
         req.slot, common = self._pick_slot(req)
+        if self._ram is not None and self._reuses(req):
+            common = self._restore(req, common)
         held = self._slot_tokens[req.slot]
+        if common > n_prefix:
+            self._save(req.slot, keep=common)
         if common > n_prefix and self.rt.seq_truncate(req.slot, common):
             # The slot still holds the start of this conversation: evaluate only the rest.
             del held[common:]
@@ -271,6 +293,7 @@ class Scheduler:
             req.ctx_base = n_prefix
             self.counters["reused_tokens"] += common
         else:
+            self._save(req.slot)
             self._clear_slot(req.slot)
             prefix_seq, n_cached = self._prefix_for(req)
             if prefix_seq >= 0:
@@ -305,6 +328,32 @@ class Scheduler:
             best = next((i for i, s in enumerate(self._free_slots) if not self._slot_tokens[s]), 0)
         return self._free_slots.pop(best), best_n
 
+    def _save(self, slot: int, keep: int = 0) -> None:
+        """Copy a free slot's chat cells to host memory before all but ``keep`` of them go."""
+        held = self._slot_tokens[slot]
+        if self._ram is None or len(held) - keep < _SAVE_MIN_TOKENS or self._ram.holds(held):
+            return
+        if self._ram.put(held, self.rt.seq_save(slot)):
+            self.counters["prompt_cache_saves"] += 1
+
+    def _restore(self, req: Request, common: int) -> int:
+        """Put back the saved conversation that shares the most with this chat, when it beats
+        the ``common`` tokens the picked slot keeps; returns the tokens the slot now shares."""
+        full = req.prefix_tokens + req.tokens
+        key, n = self._ram.match(full, len(full) - 1)
+        if key < 0 or n < common + _RESTORE_MIN_GAIN:
+            return common
+        self._save(req.slot)  # the slot may hold another conversation
+        entry = self._ram.get(key)
+        held = self._slot_tokens[req.slot]
+        held.clear()
+        if not self.rt.seq_restore(req.slot, entry.data):
+            log.warning("no KV cells to restore a saved chat into; evaluating it again")
+            return 0
+        held.extend(entry.tokens.tolist())
+        self.counters["restored_tokens"] += n
+        return n
+
     def _reuses(self, req: Request) -> bool:
         """Whether a request may start from, and leave behind, cells of earlier turns.
 
@@ -327,6 +376,7 @@ class Scheduler:
         dropped = False
         for slot in self._free_slots:
             if self._slot_tokens[slot]:
+                self._save(slot)
                 self._clear_slot(slot)
                 dropped = True
         return dropped

@@ -22,6 +22,8 @@ class EngineCollector:
             "queue_depth": "Requests waiting for an engine sequence",
             "active": "Sequences being prefilled or decoded",
             "cached_prefixes": "Task prefixes held as shared KV-cache sequences",
+            "prompt_cache_entries": "Finished chats kept in host memory",
+            "prompt_cache_bytes": "Bytes of finished chats' KV cells kept in host memory",
         }
         for key, doc in gauges.items():
             yield GaugeMetricFamily(f"allinone_engine_{key}", doc, value=s.get(key, 0))
@@ -33,6 +35,8 @@ class EngineCollector:
             "prefix_hits": "Requests served from a cached task prefix",
             "prefix_misses": "Requests whose prefix had to be evaluated",
             "reused_tokens": "Prompt tokens kept from the chat that ran before in a sequence",
+            "restored_tokens": "Prompt tokens of those brought back from host memory",
+            "prompt_cache_saves": "Finished chats copied to host memory",
             "finished": "Engine requests finished",
             "cancelled": "Engine requests cancelled (client gone, timeout)",
             "failed": "Engine requests failed",
