@@ -175,9 +175,10 @@ class LlamaRuntime:
         cannot remove part of a sequence (then nothing was removed)."""
         return bool(self.lib.llama_memory_seq_rm(self.mem, seq, n, -1))
 
-    def seq_cp(self, src: int, dst: int) -> None:
-        """Make ``dst`` share all of ``src``'s cells (no copy in a unified KV cache)."""
-        self.lib.llama_memory_seq_cp(self.mem, src, dst, -1, -1)
+    def seq_cp(self, src: int, dst: int, p0: int = -1, p1: int = -1) -> None:
+        """Make ``dst`` share ``src``'s cells at positions [p0, p1) (all by default; no copy in
+        a unified KV cache)."""
+        self.lib.llama_memory_seq_cp(self.mem, src, dst, p0, p1)
 
     def seq_save(self, seq: int) -> bytearray:
         """A copy of ``seq``'s cells (positions and K/V rows) for ``seq_restore``."""

@@ -97,6 +97,7 @@ class Request:
     n_fed: int = 0
     cached_tokens: int = 0
     ctx_base: int = 0
+    pending_prefix: int = -1  # prefix sequence to tag once the prefix is evaluated
     batch_index: int = -1
     step_fed: int = 0  # tokens of this request in the current step's batch
     # generation
@@ -300,9 +301,11 @@ class Scheduler:
                 self.rt.seq_cp(prefix_seq, req.slot)
                 held.extend(req.prefix_tokens)
                 req.n_past = req.cached_tokens = req.ctx_base = n_cached
-            else:  # not cacheable: evaluate the prefix as part of the request
+            else:  # a miss: evaluate the prefix as part of the request
                 req.tokens = req.prefix_tokens + req.tokens
                 req.n_past = 0
+                if req.pending_prefix >= 0:
+                    req.ctx_base = len(req.prefix_tokens)
         if req.kind == "generate":
             req.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
             seed = req.params.seed if req.params.seed is not None else self.seed
@@ -387,8 +390,11 @@ class Scheduler:
         self._slot_tokens[slot].clear()
 
     def _prefix_for(self, req: Request) -> tuple[int, int]:
-        """The sequence holding this request's prefix, evaluating it on a miss; (-1, 0) if the
-        prefix is empty or cannot be cached."""
+        """The sequence holding this request's prefix: (sequence, tokens) on a hit, else
+        (-1, 0). On a miss with room in the cache, a prefix sequence is reserved
+        (``req.pending_prefix``): the request evaluates its prefix in its own slot, in a step
+        shared with everyone else, and the prefix's cells are then tagged with that sequence
+        (``_register_prefix``)."""
         n = len(req.prefix_tokens)
         if n == 0:
             return -1, 0
@@ -398,7 +404,7 @@ class Scheduler:
             self.counters["prefix_hits"] += 1
             return hit
         self.counters["prefix_misses"] += 1
-        if n > self.prefix_cache_tokens or (not self._prefixes and not self._free_prefix_seqs):
+        if n > self.prefix_cache_tokens:
             return -1, 0
         while self._prefixes and (
             not self._free_prefix_seqs or self._prefix_tokens_used + n > self.prefix_cache_tokens
@@ -407,27 +413,25 @@ class Scheduler:
             self.rt.seq_rm(old_seq)  # requests that copied it keep their cells
             self._free_prefix_seqs.append(old_seq)
             self._prefix_tokens_used -= old_n
-        seq = self._free_prefix_seqs.pop()
-        if not self._eval_tokens(seq, req.prefix_tokens):
-            self.rt.seq_rm(seq)
-            self._free_prefix_seqs.append(seq)
-            return -1, 0
-        self._prefixes[req.prefix_key] = (seq, n)
-        self._prefix_tokens_used += n
-        return seq, n
+        # Every prefix sequence may be reserved by requests still evaluating theirs.
+        if self._free_prefix_seqs and self._prefix_tokens_used + n <= self.prefix_cache_tokens:
+            req.pending_prefix = self._free_prefix_seqs.pop()
+            self._prefix_tokens_used += n
+        return -1, 0
 
-    def _eval_tokens(self, seq: int, tokens: list[int]) -> bool:
-        """Evaluate ``tokens`` into ``seq`` from position 0, in batch-sized chunks, no logits."""
-        step = self.rt.shape.n_batch
-        for start in range(0, len(tokens), step):
-            self.rt.batch_clear()
-            for i, tok in enumerate(tokens[start : start + step]):
-                self.rt.batch_add(tok, start + i, seq, False)
-            if self._decode() != 0:
-                log.error("prefix evaluation failed; continuing without cache for it")
-                return False
-        self.counters["prompt_tokens"] += len(tokens)
-        return True
+    def _register_prefix(self, req: Request) -> None:
+        """The request's prefix is evaluated: share its cells with the reserved sequence."""
+        seq, n, req.pending_prefix = req.pending_prefix, len(req.prefix_tokens), -1
+        if req.prefix_key in self._prefixes:  # another request got there first
+            self._release_prefix(seq, n)
+            return
+        self.rt.seq_cp(req.slot, seq, 0, n)
+        self._prefixes[req.prefix_key] = (seq, n)
+
+    def _release_prefix(self, seq: int, n: int) -> None:
+        self.rt.seq_rm(seq)
+        self._free_prefix_seqs.append(seq)
+        self._prefix_tokens_used -= n
 
     def _step(self) -> None:
         # Cancelled requests leave before the step so their sequences are free for others.
@@ -474,7 +478,12 @@ class Scheduler:
         for req in self._active:
             if not prefill or req.state is not State.PREFILL or budget <= 0:
                 continue
-            chunk = req.tokens[req.n_fed : req.n_fed + budget]
+            end = req.n_fed + budget
+            if req.pending_prefix >= 0 and req.n_fed < len(req.prefix_tokens):
+                # The prefix ends a chunk, so that its cells and every later request's body
+                # are evaluated as they are on a cache hit (same results, bit for bit).
+                end = min(end, len(req.prefix_tokens))
+            chunk = req.tokens[req.n_fed : end]
             last = req.n_fed + len(chunk) == len(req.tokens)
             for j, tok in enumerate(chunk):
                 i = rt.batch_add(tok, req.n_past + j, req.slot, last and j == len(chunk) - 1)
@@ -494,6 +503,8 @@ class Scheduler:
             self._decode_failed(rc)
             return
         for req in list(self._active):
+            if req.pending_prefix >= 0 and req.n_fed >= len(req.prefix_tokens):
+                self._register_prefix(req)
             if req.state is State.GENERATE and req.batch_index >= 0:
                 self._on_token(req, rt.logits(req.batch_index))
             elif req.state is State.BRANCH and req.batch_index >= 0:
@@ -593,6 +604,9 @@ class Scheduler:
             self.rt.seq_rm(seq)
             self._free_scratch.append(seq)
         req.branches = []
+        if req.pending_prefix >= 0:
+            self._release_prefix(req.pending_prefix, len(req.prefix_tokens))
+            req.pending_prefix = -1
         if req.slot >= 0:
             if error is not None or not self._reuses(req):
                 # Failed requests may have half-written cells.
