@@ -231,6 +231,23 @@ def test_a_conversation_whose_slot_was_taken_comes_back_from_host_memory(
     assert_no_leaks(backend)
 
 
+def test_a_chat_comes_back_even_when_saving_its_slot_evicts_it(tiny_backend_factory):
+    # 2 MB holds one of these conversations (~1.2 MB each for the tiny model): bringing one
+    # back saves the other, which pushes the first out of the cache while it is restored.
+    backend = tiny_backend_factory(parallel=1, prompt_cache_mb=2)
+    params = GenerationParams(max_tokens=16)
+    other = "My flat faces north and gets little light. Which houseplants cope with shade best?"
+    reply, _ = collect(backend.generate(_conversation(backend, [(FIRST_QUESTION, None)]), params))
+    collect(backend.generate(_conversation(backend, [(other, None)]), params))
+    second = _conversation(backend, [(FIRST_QUESTION, reply), ("And in spring?", None)])
+    text, fin = collect(backend.generate(second, params))
+    assert backend.health() and fin.usage.cached_tokens > 40
+    assert backend.stats()["prompt_cache_bytes"] <= 2 * 2**20
+    fresh = tiny_backend_factory(parallel=1, reuse_slots=False)
+    assert text == collect(fresh.generate(second, params))[0]
+    assert_no_leaks(backend)
+
+
 def _probs(logprobs):
     top = max(logprobs)
     weights = [math.exp(lp - top) for lp in logprobs]

@@ -346,8 +346,9 @@ class Scheduler:
         key, n = self._ram.match(full, len(full) - 1)
         if key < 0 or n < common + _RESTORE_MIN_GAIN:
             return common
-        self._save(req.slot)  # the slot may hold another conversation
+        # Take the entry before saving what the slot holds: that save may evict it.
         entry = self._ram.get(key)
+        self._save(req.slot)  # the slot may hold another conversation
         held = self._slot_tokens[req.slot]
         held.clear()
         if not self.rt.seq_restore(req.slot, entry.data):

@@ -30,6 +30,7 @@ PREFIX_CACHE_SEQS = 8
 MAX_CHOICES = 16
 SCRATCH_CELLS_PER_SLOT = 256
 N_BATCH = 512
+PROMPT_CACHE_BYTES = 128 * MiB  # ALLINONE_PROMPT_CACHE_MB's default
 # vLLM estimates (not measured here): CUDA context + NCCL per GPU, CUDA graphs, batched tokens.
 CUDA_CONTEXT_BYTES = 768 * MiB
 CUDA_GRAPHS_BYTES = 512 * MiB
@@ -194,7 +195,9 @@ def _plan_cpu(plan, req, shape, devices, file_bytes, repacked, kv_per_token) -> 
     overhead = PROCESS_BASE_BYTES + LLAMA_RUNTIME_BYTES
     after_load = file_bytes + repacked + kv_total + output + overhead
     after_fill = after_load + workspace
-    limit = _round_up(after_fill * 1.3, 64 * MiB)
+    # Finished chats kept in host memory fill up to their budget over time, on top of that.
+    full = after_fill + PROMPT_CACHE_BYTES
+    limit = _round_up(full * 1.3, 64 * MiB)
     plan["basis"].update(
         {
             "weights": "the GGUF file, memory-mapped and fully resident after load",
@@ -208,10 +211,13 @@ def _plan_cpu(plan, req, shape, devices, file_bytes, repacked, kv_per_token) -> 
             "overhead": "measured here: python server before load "
             f"({PROCESS_BASE_BYTES // MiB} MiB) + llama.cpp runtime "
             f"({LLAMA_RUNTIME_BYTES // MiB} MiB)",
-            "limit": "predicted RSS after filling the context x 1.3 (allocator slack, requests)",
+            "prompt_cache": f"finished chats' KV cells kept in host memory: "
+            f"ALLINONE_PROMPT_CACHE_MB's default {PROMPT_CACHE_BYTES // MiB} MiB",
+            "limit": "predicted RSS after filling the context and the prompt cache x 1.3 "
+            "(allocator slack, requests)",
         }
     )
-    total = after_fill
+    total = full
     per_device = total * req.instances
     capacity = devices.bytes_each * (1 - req.headroom)
     plan.update(
@@ -223,6 +229,7 @@ def _plan_cpu(plan, req, shape, devices, file_bytes, repacked, kv_per_token) -> 
             "output_buffer_bytes": output,
             "workspace_bytes": workspace,
             "overhead_bytes": overhead,
+            "prompt_cache_bytes": PROMPT_CACHE_BYTES,
             "total_bytes": total,
             "per_device_bytes": per_device,
             "fits": per_device <= capacity,
@@ -234,7 +241,7 @@ def _plan_cpu(plan, req, shape, devices, file_bytes, repacked, kv_per_token) -> 
                 "cpus": req.threads,
                 "shm_bytes": 64 * MiB,
             },
-            "server": _server_settings(req, after_fill, limit),
+            "server": _server_settings(req, full, limit),
         }
     )
 

@@ -31,7 +31,13 @@ def format_plan(plan: dict) -> str:
         f"GQA saves {plan['gqa_saving']:.0f}x)",
         f"  KV cache           {_size(plan['kv_bytes_total'])} for {plan['kv_tokens']} tokens",
     ]
-    for key in ("repacked_bytes", "output_buffer_bytes", "workspace_bytes", "overhead_bytes"):
+    for key in (
+        "repacked_bytes",
+        "output_buffer_bytes",
+        "workspace_bytes",
+        "overhead_bytes",
+        "prompt_cache_bytes",
+    ):
         if key in plan:
             out.append(f"  {key.removesuffix('_bytes').replace('_', ' '):<18} {_size(plan[key])}")
     out.append(f"  total              {_size(plan['total_bytes'])}")
