@@ -9,7 +9,10 @@ from allinone.cli import main
 
 
 @pytest.mark.slow
-def test_short_soak_finds_no_growth_and_no_errors(tmp_path, tiny_model_path, capsys):
+def test_short_soak_finds_no_growth_and_no_errors(tmp_path, tiny_model_path, capsys, monkeypatch):
+    # The host-memory prompt cache is bounded but fills over time (~1.2 MB a chat for the tiny
+    # model): 4 MB fills within the warm-up and then keeps evicting, which the soak exercises.
+    monkeypatch.setenv("ALLINONE_PROMPT_CACHE_MB", "4")
     out = tmp_path / "soak"
     rc = main(
         [

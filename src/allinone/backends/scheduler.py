@@ -7,7 +7,8 @@ Requests join and leave between steps (continuous batching).
 
 Sequence ids are split into three pools: request slots (``parallel``), cached task prefixes, and
 scratch branches for scoring labels that take more than one token. A task's constant prefix is
-evaluated once into a prefix sequence and shared with each request by ``seq_cp``, so a request
+evaluated once, by the first request that needs it (in its own slot, within a shared step), then
+tagged with a prefix sequence and shared with each later request by ``seq_cp``, so a request
 pays only for its own tokens.
 
 A finished chat leaves its cells in its slot (``reuse_slots``): when the next request's tokens
