@@ -67,7 +67,8 @@ _MIXED_STEP_SPLIT = 64
 # costs a copy of every cell of the sequence; a short tail is cheaper to evaluate again).
 _SAVE_MIN_TOKENS = 32
 # A saved conversation is restored when it keeps at least this many more tokens than the best
-# slot does (restoring copies all its cells back, ~1 ms for a thousand tokens here).
+# slot does (restoring copies all its cells back: ~0.5 ms for a chat of a few hundred tokens
+# here, against ~4.5 ms for each token evaluated).
 _RESTORE_MIN_GAIN = 16
 
 
