@@ -12,14 +12,28 @@ PYTEST_ARGS ?=
 export ALLINONE_CACHE_DIR := $(CACHE_DIR)
 PIP := $(PY) -m pip --disable-pip-version-check
 
-.PHONY: setup setup-dev model models-test serve test test-fast lint format bench bench-classify bench-backends clean
+.PHONY: FORCE setup setup-dev model models-test serve test test-fast lint format bench bench-classify bench-backends clean
 
-$(VENV)/.stamp-runtime: requirements.txt pyproject.toml scripts/build-llama-wheel.sh
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	house=$$(scripts/build-llama-wheel.sh $(PY) $(WHEELHOUSE) $(LLAMA_VERSION)) && \
-	  $(PIP) install -q --find-links "$$house" -r requirements.txt
+# llama-cpp-python is built from source for this host by src/allinone/llama_build.py: it probes
+# the CPU's risky extensions (AMX, AVX-512 FP16/BF16/VNNI) in child processes, switches off any that
+# trap, builds, and smoke-tests a batched decode of the tiny model before the wheel is kept.
+# $(VENV)/.llama-flags changes when ALLINONE_LLAMA_CMAKE_ARGS / ALLINONE_LLAMA_CFLAGS change.
+$(VENV)/.stamp-runtime: requirements.txt pyproject.toml src/allinone/llama_build.py $(VENV)/.llama-flags
+	grep -v '^llama-cpp-python==' requirements.txt > $(VENV)/requirements-base.txt
+	$(PIP) install -q -r $(VENV)/requirements-base.txt
 	$(PIP) install -q --no-deps --no-build-isolation -e .
+	$(PY) -m allinone models fetch tiny >/dev/null
+	house=$$($(PY) -m allinone.llama_build --python $(PY) --wheelhouse $(WHEELHOUSE) \
+	    --version $(LLAMA_VERSION) --model "$$($(PY) -m allinone models path tiny)") && \
+	  $(PIP) install -q --no-deps --force-reinstall "$$house"/llama_cpp_python-$(LLAMA_VERSION)-*.whl && \
+	  $(PIP) install -q --find-links "$$house" -r requirements.txt && \
+	  cp "$$house/build.json" $(VENV)/llama-build.json
 	touch $@
+
+$(VENV)/.llama-flags: FORCE
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@printf '%s|%s\n' "$$ALLINONE_LLAMA_CMAKE_ARGS" "$$ALLINONE_LLAMA_CFLAGS" | cmp -s - $@ || \
+	  printf '%s|%s\n' "$$ALLINONE_LLAMA_CMAKE_ARGS" "$$ALLINONE_LLAMA_CFLAGS" > $@
 
 $(VENV)/.stamp-dev: $(VENV)/.stamp-runtime requirements-dev.txt
 	$(PIP) install -q -r requirements-dev.txt

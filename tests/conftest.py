@@ -16,7 +16,6 @@ import pytest
 from allinone.models import ensure_model
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
 
 
 def pytest_collection_modifyitems(config, items):

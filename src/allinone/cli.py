@@ -64,10 +64,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     class DrainingServer(uvicorn.Server):
         """On SIGTERM/SIGINT: refuse new work and fail /ready at once, let requests in flight
-        finish (up to the drain timeout), then exit 0."""
+        finish up to the drain timeout, end the rest cleanly (503 envelope, or a stream's error
+        event and [DONE]), then exit 0."""
 
         def handle_exit(self, sig, frame) -> None:
-            state.draining = True
+            state.begin_drain()
             super().handle_exit(sig, frame)
 
     config = uvicorn.Config(
@@ -76,13 +77,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
         port=settings.server.port,
         log_level=settings.server.log_level,
         log_config=None,
-        timeout_graceful_shutdown=int(settings.server.drain_timeout_s),
+        # Past our own drain deadline requests end themselves with a clean error; uvicorn's hard
+        # cut comes later, only for a connection that still will not close.
+        timeout_graceful_shutdown=int(settings.server.drain_timeout_s) + 5,
     )
     configure_json_logging(settings.server.log_level)
     # After a graceful shutdown uvicorn re-raises the signal it caught, under the handler that
     # was there before it started: make that a clean exit, which is what a drain is.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    DrainingServer(config).run()
+    server = DrainingServer(config)
+
+    def fatal(message: str) -> None:
+        logging.getLogger("allinone.serve").error("cannot serve, exiting: %s", message)
+        server.should_exit = True  # uvicorn's main loop polls this flag
+
+    state.on_fatal = fatal
+    server.run()
+    if state.fatal_error:
+        print(f"allinone serve: {state.fatal_error}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -327,6 +340,69 @@ def cmd_soak(args: argparse.Namespace) -> int:
         f"{'PASS' if ok else 'FAIL'} (limit {args.max_slope} MB per 10k requests)"
     )
     return 0 if ok else 1
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    """This host's CPU, how the installed llama.cpp was built, the SIMD paths it uses, and (with
+    --check) whether it decodes a batched prompt of the model here."""
+    import llama_cpp
+
+    from allinone import llama_build
+    from allinone.backends.host_check import build_record, check_library_runs
+
+    host = llama_build.host_description()
+    simd = sorted(
+        f
+        for f in host["flags"].split()
+        if f.startswith(("avx", "amx", "sse4", "fma", "f16c", "bmi2", "neon", "sve"))
+    )
+    record = build_record() or {}
+    plan = record.get("plan", {})
+    report = {
+        "cpu": host["cpu"],
+        "machine": host["machine"],
+        "cpu_simd_flags": simd,
+        "llama_cpp_python": llama_cpp.__version__,
+        "system_info": llama_cpp.llama_print_system_info().decode().strip(),
+        "build": {
+            "mode": plan.get("mode"),
+            "cmake_args": plan.get("cmake_args"),
+            "cflags": plan.get("cflags"),
+            "probes": {p["name"]: p["status"] for p in plan.get("probes", [])},
+            "smoke": record.get("smoke", {}).get("message"),
+        }
+        if record
+        else None,
+    }
+    status = 0
+    if args.check:
+        from allinone.models import ensure_model
+        from allinone.models.fetch import default_cache_dir
+
+        path = ensure_model(args.model or "default")
+        try:
+            check_library_runs(path, None if args.no_cache else default_cache_dir())
+            report["check"] = f"ok: a batched decode of {path.name} ran"
+        except RuntimeError as exc:
+            report["check"], status = f"FAILED: {exc}", 1
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return status
+    print(f"CPU:        {report['cpu']} ({report['machine']})")
+    print(f"CPU SIMD:   {' '.join(simd)}")
+    print(f"llama.cpp:  llama-cpp-python {report['llama_cpp_python']}")
+    print(f"uses:       {report['system_info']}")
+    if record:
+        b = report["build"]
+        print(f"built:      {b['mode']}: CMAKE_ARGS={b['cmake_args']!r} CFLAGS={b['cflags']!r}")
+        tried = {k: v for k, v in b["probes"].items() if v != "skipped"}
+        print(f"probes:     {tried or 'none needed (-march=native enables no probed extension)'}")
+        print(f"smoke test: {b['smoke']}")
+    else:
+        print("built:      no build record (not installed by this project's Makefile)")
+    if "check" in report:
+        print(f"check:      {report['check']}")
+    return status
 
 
 def cmd_tasks(args: argparse.Namespace) -> int:
@@ -577,6 +653,15 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("tasks", parents=[common], help="list tasks")
     t.add_argument("--json", action="store_true")
     t.set_defaults(func=cmd_tasks)
+
+    d = sub.add_parser(
+        "doctor", help="this CPU, how llama.cpp was built and which SIMD paths it uses"
+    )
+    d.add_argument("--model", help="model for --check (default: the default model)")
+    d.add_argument("--check", action="store_true", help="run a 64-token decode in a child")
+    d.add_argument("--no-cache", action="store_true", help="with --check: ignore earlier passes")
+    d.add_argument("--json", action="store_true")
+    d.set_defaults(func=cmd_doctor, tasks_dir=[], verbose=False)
 
     m = sub.add_parser("models", help="list, fetch or verify catalog models")
     m.add_argument("action", nargs="?", default="list", choices=["list", "fetch", "verify", "path"])

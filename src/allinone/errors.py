@@ -97,6 +97,12 @@ class NotReadyError(APIError):
     status, type, code = 503, "service_unavailable", "not_ready"
 
 
+class ShuttingDownError(NotReadyError):
+    """503: the server's drain deadline passed while this request was still running."""
+
+    code = "shutting_down"
+
+
 def envelope(message: str, type_: str, code: str, param: str | None = None) -> dict[str, Any]:
     """The one error body."""
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}

@@ -90,6 +90,11 @@ class EngineSettings(BaseSettings):
         "sequence; more are refused with 503",
     )
     seed: int = Field(0, description="Default sampling seed, for sampled (temperature>0) replies")
+    host_check: bool = Field(
+        True,
+        description="Before loading, decode a 64-token prompt in a child process to prove "
+        "llama.cpp runs on this CPU (remembered per library, host and model)",
+    )
     # vllm backend only
     tensor_parallel: int = Field(1, ge=1, le=64, description="vllm: GPUs per model instance")
     gpu_memory_utilization: float = Field(
@@ -125,6 +130,11 @@ class ServerSettings(BaseSettings):
     retry_after_s: int = Field(1, ge=0, le=3600, description="Retry-After on 503/429")
     drain_timeout_s: float = Field(
         30.0, ge=0, le=3600, description="On SIGTERM, wait this long for requests"
+    )
+    exit_on_fatal: bool = Field(
+        True,
+        description="Exit non-zero when the model cannot load (false: stay up answering 503, "
+        "for debugging)",
     )
     memory_soft_limit_mb: int | None = Field(
         None, ge=1, description="Above this (RSS or anon+swap) new work gets 503"

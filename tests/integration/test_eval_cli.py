@@ -6,8 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-SHARED = Path(__file__).resolve().parents[3] / "shared" / "data" / "sentiment"
-DEV = SHARED / "chnsenticorp" / "dev_clean.tsv"
+# A sample shipped with the tests (tests/data/README.md): nothing outside the repository.
+DEV = Path(__file__).resolve().parents[1] / "data" / "chnsenticorp_dev_sample.tsv"
 
 
 def run(*args, env=None):

@@ -37,6 +37,7 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        state.bind_loop()
         state.sampler.start()
         loader = threading.Thread(target=state.load, name="allinone-load", daemon=True)
         loader.start()

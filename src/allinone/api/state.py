@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from allinone.backends.base import Backend
-from allinone.errors import NotReadyError, OverloadedError
+from allinone.errors import (
+    GatewayTimeoutError,
+    NotReadyError,
+    OverloadedError,
+    ShuttingDownError,
+)
 from allinone.observability.memory import MemorySampler
 from allinone.observability.metrics import Metrics
 from allinone.service import TaskService
@@ -17,6 +24,7 @@ from allinone.settings import Settings
 from allinone.tasks import TaskRegistry
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass
@@ -36,6 +44,12 @@ class ServerState:
     sampler: MemorySampler | None = None
     draining: bool = False
     api_keys: set[str] = field(default_factory=set)
+    loop: asyncio.AbstractEventLoop | None = None
+    # Called with a message when the server cannot serve at all (the model failed to load):
+    # `allinone serve` ends the process non-zero so a supervisor sees it and restarts or alerts.
+    on_fatal: Callable[[str], None] | None = None
+    fatal_error: str | None = None
+    drain_deadline: asyncio.Event | None = None  # set when the drain's time is up
 
     def __post_init__(self) -> None:
         srv = self.settings.server
@@ -58,6 +72,7 @@ class ServerState:
         except Exception as exc:
             log.exception("model failed to load")
             self.load_error = f"{type(exc).__name__}: {exc}"
+            self.fatal(f"the model failed to load: {self.load_error}")
             return
         self.backend = backend
         self.service = TaskService(
@@ -71,6 +86,84 @@ class ServerState:
         self.metrics.ready.set(1)
         self.ready.set()
         log.info("ready: model %s loaded in %.2f s", backend.model_id, self.load_seconds)
+
+    def fatal(self, message: str) -> None:
+        """Record why the server cannot serve and hand it to ``on_fatal`` (if any)."""
+        self.fatal_error = message
+        if self.on_fatal is not None and self.settings.server.exit_on_fatal:
+            self.on_fatal(message)
+
+    def bind_loop(self) -> None:
+        """Remember the serving event loop (called from the app's lifespan)."""
+        self.loop = asyncio.get_running_loop()
+        self.drain_deadline = asyncio.Event()
+
+    def begin_drain(self) -> None:
+        """Refuse new work now; in ``drain_timeout_s`` end whatever still runs, cleanly (a 503
+        ``shutting_down`` envelope, or a stream's final error event and ``[DONE]``). Safe to call
+        from a signal handler or another thread."""
+        if self.draining:
+            return
+        self.draining = True
+        timeout = self.settings.server.drain_timeout_s
+        log.info("draining: new requests get 503; running ones have %.0f s", timeout)
+        if self.loop is not None and self.drain_deadline is not None:
+            deadline = self.drain_deadline
+            self.loop.call_soon_threadsafe(self.loop.call_later, timeout, deadline.set)
+
+    def _ended_early(self, what: str, timed_out: bool) -> Exception:
+        if not timed_out:
+            return ShuttingDownError(
+                f"the server shut down before {what} finished (its drain deadline passed); "
+                "retry on another instance",
+                headers=self.retry_after(),
+            )
+        timeout = self.settings.server.request_timeout_s
+        return GatewayTimeoutError(
+            f"{what} took longer than {timeout:g} s (ALLINONE_REQUEST_TIMEOUT_S)"
+        )
+
+    async def bounded(self, work: Awaitable[T], what: str, deadline: float | None = None) -> T:
+        """Await ``work`` until the request timeout (or the monotonic ``deadline``) or the drain
+        deadline, whichever comes first. On either, ``work`` is cancelled (its cleanup cancels
+        the engine work) and GatewayTimeoutError (504) or ShuttingDownError (503) is raised."""
+        if deadline is None:
+            deadline = time.monotonic() + self.settings.server.request_timeout_s
+        task = asyncio.ensure_future(work)
+        waiters: set[asyncio.Future] = {task}
+        drain = None
+        if self.drain_deadline is not None:
+            drain = asyncio.ensure_future(self.drain_deadline.wait())
+            waiters.add(drain)
+        try:
+            done, _ = await asyncio.wait(
+                waiters,
+                timeout=max(0.0, deadline - time.monotonic()),
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+            if task in done:
+                return task.result()
+            raise self._ended_early(what, timed_out=drain not in done)
+        finally:
+            if not task.done():
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+            if drain is not None:
+                drain.cancel()
+
+    async def bounded_iter(
+        self, events: AsyncIterator[T], what: str, deadline: float | None = None
+    ) -> AsyncIterator[T]:
+        """``events`` item by item, each wait bounded as in :meth:`bounded` (one deadline for
+        the whole iteration)."""
+        if deadline is None:
+            deadline = time.monotonic() + self.settings.server.request_timeout_s
+        while True:
+            try:
+                item = await self.bounded(anext(events), what, deadline)
+            except StopAsyncIteration:
+                return
+            yield item
 
     def retry_after(self) -> dict[str, str]:
         """The Retry-After header for refusals."""

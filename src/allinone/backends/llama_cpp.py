@@ -69,7 +69,14 @@ class LlamaCppBackend(Backend):
             n_batch=s.n_batch,
             threads=s.threads,
         )
+        if s.host_check:
+            from allinone.backends.host_check import check_library_runs
+            from allinone.models.fetch import default_cache_dir
+
+            check_library_runs(self.model_path, default_cache_dir())
         self.rt = LlamaRuntime(self.model_path, shape)
+        self.rt.warm_up()
+        log.info("llama.cpp: %s", self.rt.system_info())
         self._template = ChatTemplate(self.rt.chat_template(), self.rt.bos_token())
         self.scheduler = Scheduler(
             self.rt,

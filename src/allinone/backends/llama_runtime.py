@@ -90,6 +90,27 @@ class LlamaRuntime:
         self._n = 0
         self._piece_buf = ctypes.create_string_buffer(256)
 
+    def system_info(self) -> str:
+        """llama.cpp's build and SIMD paths (``llama_print_system_info``)."""
+        return self.lib.llama_print_system_info().decode("utf-8", "replace").strip()
+
+    def warm_up(self, n_tokens: int = 64) -> None:
+        """One batched decode of ``n_tokens`` tokens in sequence 0, then forget them.
+
+        Large batches take other matrix kernels than single tokens (AMX, for one): a library
+        that cannot run them here fails now, at start-up, not at the first request.
+        Raises LlamaRuntimeError when llama.cpp returns an error code.
+        """
+        n = min(n_tokens, self.shape.n_batch)
+        self.batch_clear()
+        for i in range(n):
+            self.batch_add((97 + 31 * i) % self.n_vocab, i, 0, i == n - 1)
+        rc = self.decode()
+        self.seq_rm(0)
+        self.batch_clear()
+        if rc != 0:
+            raise LlamaRuntimeError(f"llama.cpp failed a {n}-token warm-up decode (code {rc})")
+
     # -- vocabulary (any thread) -------------------------------------------------------------
     def tokenize(self, text: str, special: bool) -> list[int]:
         """Token ids of ``text``; ``special`` parses control tokens such as ``<|im_start|>``."""

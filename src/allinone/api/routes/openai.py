@@ -26,7 +26,6 @@ from allinone.api.protocol import (
     completion_id,
 )
 from allinone.errors import (
-    GatewayTimeoutError,
     InvalidRequestError,
     NotFoundError,
     envelope,
@@ -87,10 +86,9 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     service: TaskService = state.require_service()
     task = _resolve_task(service, body.model)
     request.state.task = task.name if task else "model"
-    timeout = state.settings.server.request_timeout_s
     messages = _messages(body)
     if task is not None and task.kind in ("classify", "extract"):
-        return await _answer_as_chat(service, task, messages, body)
+        return await _answer_as_chat(state, service, task, messages, body)
     try:
         plan = service.plan_chat(
             task,
@@ -109,18 +107,14 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return StreamingResponse(
-            _stream(handle, body.model, include_usage, timeout),
+            _stream(handle, body.model, include_usage, state),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
     try:
-        finished = await asyncio.wait_for(handle.result_async(), timeout)
-    except TimeoutError:
-        raise GatewayTimeoutError(
-            f"the reply took longer than {timeout:g} s (ALLINONE_REQUEST_TIMEOUT_S)"
-        ) from None
+        finished = await state.bounded(handle.result_async(), "the reply")
     finally:
-        handle.cancel()  # timeout or client gone mid-generation: free the sequence
+        handle.cancel()  # timeout, drain deadline or client gone: free the sequence
     return ChatCompletionResponse(
         model=body.model,
         choices=[
@@ -133,9 +127,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     )
 
 
-async def _stream(handle, model: str, include_usage: bool, timeout: float) -> AsyncIterator[str]:
+async def _stream(handle, model: str, include_usage: bool, state) -> AsyncIterator[str]:
     cid, created = completion_id(), int(time.time())
-    deadline = time.monotonic() + timeout
 
     def chunk(delta: dict, finish: str | None = None) -> dict:
         return {
@@ -148,9 +141,7 @@ async def _stream(handle, model: str, include_usage: bool, timeout: float) -> As
 
     try:
         yield _sse(chunk({"role": "assistant", "content": ""}))
-        async for kind, value in handle.aevents():
-            if time.monotonic() > deadline:
-                raise GatewayTimeoutError(f"the reply took longer than {timeout:g} s")
+        async for kind, value in state.bounded_iter(handle.aevents(), "the reply"):
             if kind == "text":
                 yield _sse(chunk({"content": value}))
                 continue
@@ -167,14 +158,16 @@ async def _stream(handle, model: str, include_usage: bool, timeout: float) -> As
                     }
                 )
         yield "data: [DONE]\n\n"
-    except Exception as exc:  # a failure mid-stream ends it with one error event
+    except Exception as exc:  # a failure mid-stream ends it with one error event, then [DONE]
         err = to_api_error(exc)
         yield _sse(envelope(err.message, err.type, err.code, err.param))
+        yield "data: [DONE]\n\n"
     finally:
         handle.cancel()
 
 
 async def _answer_as_chat(
+    state,
     service: TaskService,
     task: TaskSpec,
     messages: list[dict[str, str]],
@@ -187,10 +180,14 @@ async def _answer_as_chat(
     text = messages[-1]["content"]
     try:
         if task.kind == "classify":
-            (result,) = await service.classify_async(task.name, [text])
+            (result,) = await state.bounded(
+                service.classify_async(task.name, [text]), "classification"
+            )
             answer, n_prompt, n_gen = result.label, result.prompt_tokens, 1
         else:
-            ext = await asyncio.to_thread(service.extract, task.name, text)
+            ext = await state.bounded(
+                asyncio.to_thread(service.extract, task.name, text), "extraction"
+            )
             answer = json.dumps(ext.output, ensure_ascii=False)
             n_prompt, n_gen = ext.prompt_tokens, ext.completion_tokens
     except TaskError as exc:

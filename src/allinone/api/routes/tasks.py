@@ -16,7 +16,7 @@ from allinone.api.protocol import (
     ExtractResponse,
     UsageInfo,
 )
-from allinone.errors import GatewayTimeoutError, InvalidRequestError, to_api_error
+from allinone.errors import InvalidRequestError, to_api_error
 from allinone.tasks import TaskError
 
 router = APIRouter(tags=["tasks"])
@@ -43,14 +43,10 @@ async def classify(body: ClassifyRequest, request: Request) -> ClassifyResponse:
             param="input",
         )
     t0 = time.perf_counter()
-    timeout = state.settings.server.request_timeout_s
     try:
-        # On timeout wait_for cancels classify_async, whose cleanup cancels the engine work.
-        results = await asyncio.wait_for(service.classify_async(body.task, texts), timeout)
-    except TimeoutError:
-        raise GatewayTimeoutError(
-            f"classification took longer than {timeout:g} s (ALLINONE_REQUEST_TIMEOUT_S)"
-        ) from None
+        # On timeout or the drain deadline classify_async is cancelled; its cleanup cancels
+        # the engine work.
+        results = await state.bounded(service.classify_async(body.task, texts), "classification")
     except TaskError as exc:
         if exc.param is None:
             exc.param = "input"
@@ -81,14 +77,11 @@ async def extract(body: ExtractRequest, request: Request) -> ExtractResponse:
     state = request.app.state.server
     request.state.task = body.task
     service = state.require_service()
-    timeout = state.settings.server.request_timeout_s
     try:
         # Fields run one after another; a worker thread waits so the event loop never does.
-        result = await asyncio.wait_for(
-            asyncio.to_thread(service.extract, body.task, body.input), timeout
+        result = await state.bounded(
+            asyncio.to_thread(service.extract, body.task, body.input), "extraction"
         )
-    except TimeoutError:
-        raise GatewayTimeoutError(f"extraction took longer than {timeout:g} s") from None
     except TaskError as exc:
         if exc.param is None:
             exc.param = "input"
