@@ -310,6 +310,7 @@ def cmd_soak(args: argparse.Namespace) -> int:
             max_tokens=args.max_tokens,
             max_words=args.max_words,
             max_history=args.max_history,
+            max_seconds=args.max_seconds,
         )
         report = run_soak(
             url,
@@ -324,7 +325,13 @@ def cmd_soak(args: argparse.Namespace) -> int:
             proc.wait(60)
     (args.out / "soak.json").write_text(json.dumps(report.to_dict(), indent=2))
     plot(report, args.out / "soak.png")
-    ok = report.slope_mb_per_10k <= args.max_slope and not report.errors
+    ok = (
+        report.slope_mb_per_10k <= args.max_slope
+        and not report.errors
+        and report.stopped_early is None
+    )
+    if report.stopped_early:
+        print(f"soak incomplete: {report.stopped_early}")
     print(
         f"{report.requests} requests in {report.seconds} s at concurrency {report.concurrency}; "
         f"statuses {report.by_status}"
@@ -612,6 +619,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     so.add_argument(
         "--timeout", type=float, default=300.0, help="client timeout per request, s (300)"
+    )
+    so.add_argument(
+        "--max-seconds",
+        type=float,
+        help="time budget: stop sending requests after this long and fail with the measured "
+        "rate (default: none)",
     )
     so.add_argument(
         "--max-slope",

@@ -83,6 +83,7 @@ class SoakConfig:
     seed: int = 0
     api_key: str | None = None
     timeout_s: float = 300.0
+    max_seconds: float | None = None  # stop issuing requests after this long (None: never)
 
 
 @dataclass
@@ -100,6 +101,8 @@ class SoakReport:
     slope_rss_mb_per_10k: float = 0.0
     growth_after_warmup_mb: float = 0.0
     plateau: bool = True
+    completed: int = 0  # requests actually sent (fewer than `requests` if the budget ran out)
+    stopped_early: str | None = None  # why the soak ended before `requests`, if it did
 
     def to_dict(self) -> dict:
         """JSON shape of the report."""
@@ -266,8 +269,12 @@ def run_soak(
         rss, anon = probe.read()
         samples.append({"requests": 0, "t": 0.0, "rss": rss, "anon_plus_swap": anon})
 
+        budget_end = t0 + cfg.max_seconds if cfg.max_seconds else None
+
         def task(i: int) -> None:
             nonlocal done
+            if budget_end is not None and time.perf_counter() > budget_end:
+                return  # over the time budget: the report says so
             status = driver.one(i)
             with lock:
                 by_status[status] = by_status.get(status, 0) + 1
@@ -298,12 +305,20 @@ def run_soak(
     if bar is not None:
         bar.close()
     samples.sort(key=lambda s: s["requests"])
+    seconds = time.perf_counter() - t0
+    stopped = None
+    if done < cfg.requests:
+        stopped = (
+            f"the time budget of {cfg.max_seconds:g} s ran out after {done} of {cfg.requests} "
+            f"requests ({done / seconds:.2f} requests/s on this host): it is slower than the "
+            "budget assumes; lower --requests or --max-tokens/--max-words, or raise --max-seconds"
+        )
     warmup = int(cfg.requests * cfg.warmup_fraction)
     slope, slope_rss, growth, plateau = fit(samples, warmup)
     return SoakReport(
         requests=cfg.requests,
         concurrency=cfg.concurrency,
-        seconds=round(time.perf_counter() - t0, 1),
+        seconds=round(seconds, 1),
         by_status=by_status,
         errors=errors,
         samples=samples,
@@ -312,6 +327,8 @@ def run_soak(
         slope_rss_mb_per_10k=round(slope_rss, 3),
         growth_after_warmup_mb=round(growth, 3),
         plateau=plateau,
+        completed=done,
+        stopped_early=stopped,
     )
 
 

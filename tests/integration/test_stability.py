@@ -1,7 +1,9 @@
 """The server holds under overload, slow requests, bad keys and shutdown (tiny real model)."""
 
 import asyncio
+import json
 import signal
+import threading
 import time
 
 import httpx
@@ -113,20 +115,65 @@ def test_request_timeout_is_504_and_stops_decoding(tiny_server):
     assert r.status_code == 200
 
 
-def test_sigterm_drains_in_flight_requests_then_exits_0(tiny_server):
-    srv = tiny_server()
+def test_sigterm_lets_a_request_that_fits_the_drain_finish_then_exits_0(tiny_server):
+    srv = tiny_server()  # drain timeout 30 s: far more than 16 tokens need on any host
     with (
         httpx.Client(timeout=60) as client,
         client.stream(
-            "POST", f"{srv.url}/v1/chat/completions", json=chat_body(120, stream=True)
+            "POST", f"{srv.url}/v1/chat/completions", json=chat_body(16, stream=True)
         ) as resp,
     ):
         lines = iter(resp.iter_lines())
         next(lines)
         srv.proc.send_signal(signal.SIGTERM)
         rest = list(lines)
-    assert any('"finish_reason": "length"' in line for line in rest)  # it was allowed to finish
-    assert rest[-2:] == ["data: [DONE]", ""] or "data: [DONE]" in rest
+    events = [json.loads(line[6:]) for line in rest if line.startswith("data: {")]
+    finishes = [c["finish_reason"] for e in events for c in e.get("choices", [])]
+    assert finishes[-1] in ("length", "stop")  # it was allowed to finish
+    assert not any("error" in e for e in events)
+    assert "data: [DONE]" in rest
+    assert srv.proc.wait(timeout=30) == 0
+
+
+def _wait_inflight(srv, n: int, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        text = httpx.get(f"{srv.url}/metrics", timeout=5).text
+        for line in text.splitlines():
+            if line.startswith("allinone_engine_active ") and float(line.split()[1]) >= n:
+                return
+        time.sleep(0.05)
+    raise TimeoutError(f"fewer than {n} requests became active")
+
+
+def test_requests_still_running_at_the_drain_deadline_end_cleanly_then_exit_0(tiny_server):
+    # A 0.5 s drain and 900-token replies: whatever the host's speed, neither can finish.
+    srv = tiny_server(ALLINONE_DRAIN_TIMEOUT_S="0.5")
+    plain: dict = {}
+
+    def send_plain():
+        plain["r"] = httpx.post(f"{srv.url}/v1/chat/completions", json=chat_body(900), timeout=120)
+
+    sender = threading.Thread(target=send_plain)
+    sender.start()
+    with (
+        httpx.Client(timeout=120) as client,
+        client.stream(
+            "POST", f"{srv.url}/v1/chat/completions", json=chat_body(900, stream=True)
+        ) as resp,
+    ):
+        lines = iter(resp.iter_lines())
+        next(lines)
+        _wait_inflight(srv, 2)
+        srv.proc.send_signal(signal.SIGTERM)
+        rest = list(lines)  # the body ends cleanly: no incomplete chunked read
+    sender.join(timeout=60)
+    events = [json.loads(line[6:]) for line in rest if line.startswith("data: {")]
+    assert events[-1]["error"]["code"] == "shutting_down", events[-1]
+    assert [line for line in rest if line][-1] == "data: [DONE]"
+    r = plain["r"]
+    assert r.status_code == 503 and r.json()["error"]["code"] == "shutting_down", r.text
+    assert "Retry-After" in r.headers
     assert srv.proc.wait(timeout=30) == 0
 
 
