@@ -140,19 +140,35 @@ def to_api_error(exc: BaseException, retry_after: int = 1) -> APIError:
     return APIError("internal server error")
 
 
+_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
+
+
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     errors = exc.errors()
     if not errors:
         return "invalid request", None
-    first = errors[0]
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-    param = ".".join(loc) or None
+    # A value that failed our own check (value_error) explains itself better than the union
+    # members it also failed to match.
+    first = next((e for e in errors if e.get("type") == "value_error"), errors[0])
     if first.get("type") == "json_invalid":
         return f"the body is not valid JSON: {first.get('msg')}; send a JSON object", None
-    msg = first.get("msg", "invalid value")
+    param = _field_path(first)
+    msg = first.get("msg", "invalid value").removeprefix("Value error, ")
     where = f"{param}: " if param else ""
-    more = f" (and {len(errors) - 1} more problem(s))" if len(errors) > 1 else ""
+    others = {_field_path(e) for e in errors} - {param}
+    more = f" (and {len(others)} more problem(s))" if others else ""
     return f"{where}{msg}{more}", param
+
+
+def _field_path(error: dict) -> str | None:
+    """The field's dotted path; pydantic also names union members in the location ("str",
+    "list[str]", "function-after[...]"), which a client cannot act on."""
+    loc = [
+        str(p)
+        for p in error.get("loc", ())
+        if p != "body" and not (isinstance(p, str) and ("[" in p or p in _TYPE_TAGS))
+    ]
+    return ".".join(loc) or None
 
 
 def register_exception_handlers(app: FastAPI) -> None:

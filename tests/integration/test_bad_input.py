@@ -104,6 +104,32 @@ BAD = [
         400,
         "messages.0.content",
     ),
+    # JSON escapes that decode to a lone surrogate: not text; 400 naming the field, every route
+    *[
+        ("post", path, {"content": body, "headers": {"content-type": "application/json"}}, 400, p)
+        for path, body, p in [
+            ("/v1/classify", rb'{"task": "sentiment", "input": "\ud800"}', "input"),
+            ("/v1/classify", rb'{"task": "sentiment", "input": ["ok", "a\udfff"]}', "input.1"),
+            ("/v1/extract", rb'{"task": "summarize", "input": "x\ud800y"}', "input"),
+            (
+                "/v1/chat/completions",
+                rb'{"model": "chat", "messages": [{"role": "user", "content": "\ud800"}]}',
+                "messages.0.content",
+            ),
+            (
+                "/v1/chat/completions",
+                rb'{"model": "chat", "messages": [{"role": "user", "content": '
+                rb'[{"type": "text", "text": "\udc00"}]}]}',
+                "messages.0.content.0.text",
+            ),
+            (
+                "/v1/chat/completions",
+                rb'{"model": "chat", "stop": ["\ud800"], '
+                rb'"messages": [{"role": "user", "content": "hi"}]}',
+                "stop.0",
+            ),
+        ]
+    ],
     ("get", "/v1/nothing-here", {}, 404, None),
     ("delete", "/v1/classify", {}, 405, None),
 ]
@@ -124,6 +150,8 @@ def test_bad_input_gets_one_envelope_and_server_keeps_serving(
     err = body["error"]
     assert set(err) == {"message", "type", "param", "code"}
     assert err["message"] and isinstance(err["message"], str)
+    if b"\\ud" in kwargs.get("content", b"") or b"\\udc" in kwargs.get("content", b""):
+        assert "surrogate" in err["message"], err
     if param is not None:
         assert err["param"] == param
     ok = httpx.post(

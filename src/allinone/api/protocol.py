@@ -4,9 +4,28 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+
+
+def _valid_text(value: str) -> str:
+    """Reject text that cannot be encoded as UTF-8: a JSON escape such as ``\\ud800`` decodes to
+    a lone surrogate, which no tokenizer takes. One rule for every text field of every route:
+    400 naming the field (never a silent replacement)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(
+            f"contains an unpaired surrogate (U+{ord(value[exc.start]):04X} at character "
+            f"{exc.start}), which is not valid Unicode text; send UTF-8 text (a "
+            "\\ud83d\\ude00-style escape must come as a complete pair)"
+        ) from None
+    return value
+
+
+Text = Annotated[str, AfterValidator(_valid_text)]
+"""A ``str`` field that must be valid Unicode (no lone surrogates)."""
 
 
 class ContentPart(BaseModel):
@@ -14,7 +33,7 @@ class ContentPart(BaseModel):
 
     model_config = ConfigDict(extra="allow")
     type: str
-    text: str | None = None
+    text: Text | None = None
 
 
 class ChatMessage(BaseModel):
@@ -22,7 +41,7 @@ class ChatMessage(BaseModel):
 
     model_config = ConfigDict(extra="allow")
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[ContentPart] | None = None
+    content: Text | list[ContentPart] | None = None
 
     def text(self) -> str:
         """The message as plain text (text parts joined); ValueError for non-text parts."""
@@ -48,13 +67,13 @@ class ChatCompletionRequest(BaseModel):
     """POST /v1/chat/completions. Unknown OpenAI fields are accepted and ignored."""
 
     model_config = ConfigDict(extra="allow")
-    model: str = Field(min_length=1, description="The served model's id, or a task name")
+    model: Text = Field(min_length=1, description="The served model's id, or a task name")
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1, le=32768)
     max_completion_tokens: int | None = Field(None, ge=1, le=32768)
     temperature: float | None = Field(None, ge=0.0, le=2.0, description="Default: the task's (0)")
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    stop: str | list[str] | None = None
+    stop: Text | list[Text] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = Field(1, ge=1, le=1, description="Only one choice per request")
@@ -151,8 +170,8 @@ class ClassifyRequest(BaseModel):
     """POST /v1/classify: one text or a list of texts for a classify task."""
 
     model_config = ConfigDict(extra="forbid")
-    task: str = Field("sentiment", min_length=1, description="A classify task's name")
-    input: str | list[str] = Field(description="Text, or a list of texts classified in order")
+    task: Text = Field("sentiment", min_length=1, description="A classify task's name")
+    input: Text | list[Text] = Field(description="Text, or a list of texts classified in order")
 
 
 class ClassifyItem(BaseModel):
@@ -187,8 +206,8 @@ class ExtractRequest(BaseModel):
     """POST /v1/extract: one text for an extract task."""
 
     model_config = ConfigDict(extra="forbid")
-    task: str = Field("summarize", min_length=1, description="An extract task's name")
-    input: str = Field(description="The text (e.g. a transcript) to extract from")
+    task: Text = Field("summarize", min_length=1, description="An extract task's name")
+    input: Text = Field(description="The text (e.g. a transcript) to extract from")
 
 
 class ExtractResponse(BaseModel):

@@ -123,15 +123,30 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def sample_token(logits: np.ndarray, params: GenerationParams, rng: np.random.Generator) -> int:
-    """Greedy at temperature 0; otherwise temperature + top-p over the top candidates."""
+    """Greedy at temperature 0; otherwise temperature + top-p over the top candidates.
+
+    Numerically safe for every accepted value: NaN logits are never chosen, a +inf logit is
+    taken outright, and the logits are shifted by their maximum before the division, so a
+    temperature too small to divide by (5e-324) gives -inf for every other token, i.e. greedy,
+    never NaN probabilities.
+    """
+    x = logits.astype(np.float64)
+    if not np.isfinite(x).all():
+        x = np.nan_to_num(x, nan=-np.inf, neginf=-np.inf, posinf=np.inf)
+        if np.isposinf(x).any():
+            return int(np.argmax(x))
     if params.temperature <= 0.0:
-        return int(np.argmax(logits))
-    k = min(_TOP_CANDIDATES, logits.shape[0])
-    top = np.argpartition(logits, -k)[-k:]
-    vals = logits[top].astype(np.float64) / params.temperature
+        return int(np.argmax(x))
+    k = min(_TOP_CANDIDATES, x.shape[0])
+    top = np.argpartition(x, -k)[-k:]
+    vals = x[top]
     order = np.argsort(-vals)
     top, vals = top[order], vals[order]
-    probs = np.exp(vals - vals[0])
+    with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+        scaled = (vals - vals[0]) / params.temperature
+        probs = np.exp(scaled)
+    probs[~np.isfinite(probs)] = 0.0
+    probs[0] = 1.0  # the best token: exp(0), also when the division over- or underflowed
     probs /= probs.sum()
     if params.top_p < 1.0:
         keep = int(np.searchsorted(np.cumsum(probs), params.top_p) + 1)
@@ -244,7 +259,7 @@ class Scheduler:
                         req = self._queue.get(timeout=0.05)
                     except queue.Empty:
                         continue
-                    self._start_request(req)
+                    self._start(req)
                     continue
                 self._step()
         except Exception as exc:  # the loop must never die silently
@@ -270,7 +285,13 @@ class Scheduler:
                 req = self._queue.get_nowait()
             except queue.Empty:
                 return
+            self._start(req)
+
+    def _start(self, req: Request) -> None:
+        try:
             self._start_request(req)
+        except Exception as exc:  # e.g. a restore that failed: this request only
+            self._fail_request(req, exc)
 
     def _start_request(self, req: Request) -> None:
         if req.handle.cancelled.is_set():
@@ -506,14 +527,28 @@ class Scheduler:
             self._decode_failed(rc)
             return
         for req in list(self._active):
-            if req.pending_prefix >= 0 and req.n_fed >= len(req.prefix_tokens):
-                self._register_prefix(req)
-            if req.state is State.GENERATE and req.batch_index >= 0:
-                self._on_token(req, rt.logits(req.batch_index))
-            elif req.state is State.BRANCH and req.batch_index >= 0:
-                self._on_branches(req, req.batch_index)
-            elif req.state is State.PREFILL and req.batch_index >= 0:
-                self._on_prompt_done(req, rt.logits(req.batch_index))
+            try:
+                self._update(req)
+            except Exception as exc:  # one request's failure is that request's alone
+                self._fail_request(req, exc)
+
+    def _update(self, req: Request) -> None:
+        """Take one request's results of the decode that just ran."""
+        if req.pending_prefix >= 0 and req.n_fed >= len(req.prefix_tokens):
+            self._register_prefix(req)
+        if req.state is State.GENERATE and req.batch_index >= 0:
+            self._on_token(req, self.rt.logits(req.batch_index))
+        elif req.state is State.BRANCH and req.batch_index >= 0:
+            self._on_branches(req, req.batch_index)
+        elif req.state is State.PREFILL and req.batch_index >= 0:
+            self._on_prompt_done(req, self.rt.logits(req.batch_index))
+
+    def _fail_request(self, req: Request, exc: Exception) -> None:
+        """End one request with an error the client sees; the loop and its neighbours go on."""
+        log.exception("request failed in the engine; the others continue")
+        if req.state is State.DONE:
+            return
+        self._end(req, error=BackendError(f"the engine could not run this request: {exc}"))
 
     def _decode_failed(self, rc: int) -> None:
         # rc 1: no KV slot, and llama.cpp applied nothing. Fail the newest prefilling request to
