@@ -17,6 +17,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from allinone.backends.base import (
     BackendError,
+    EngineDeadError,
     EngineOverloadedError,
     PromptTooLongError,
     UpstreamError,
@@ -121,6 +122,8 @@ def to_api_error(exc: BaseException, retry_after: int = 1) -> APIError:
     """Map any exception raised while serving to the APIError a client should see."""
     if isinstance(exc, APIError):
         return exc
+    if isinstance(exc, EngineDeadError):
+        return NotReadyError(f"{exc}; the server is restarting, retry shortly", code="engine_dead")
     if isinstance(exc, EngineOverloadedError):
         return OverloadedError(str(exc), headers={"Retry-After": str(retry_after)})
     if isinstance(exc, TaskError):

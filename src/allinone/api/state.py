@@ -49,6 +49,7 @@ class ServerState:
     # `allinone serve` ends the process non-zero so a supervisor sees it and restarts or alerts.
     on_fatal: Callable[[str], None] | None = None
     fatal_error: str | None = None
+    engine_dead: bool = False
     drain_deadline: asyncio.Event | None = None  # set when the drain's time is up
 
     def __post_init__(self) -> None:
@@ -86,6 +87,20 @@ class ServerState:
         self.metrics.ready.set(1)
         self.ready.set()
         log.info("ready: model %s loaded in %.2f s", backend.model_id, self.load_seconds)
+        threading.Thread(target=self._watch, name="allinone-watchdog", daemon=True).start()
+
+    def _watch(self, every_s: float = 0.25) -> None:
+        """Notice a dead engine (vLLM's ``terminate_if_errored``): /health turns 503, requests
+        get 503 ``engine_dead``, and ``on_fatal`` ends the process so a supervisor restarts it."""
+        while self.ready.is_set() and self.backend is not None:
+            if not self.backend.health():
+                if not self.ready.is_set():
+                    return  # closed on purpose
+                crash = getattr(getattr(self.backend, "scheduler", None), "crash", None)
+                self.engine_dead = True
+                self.fatal(f"the engine stopped: {crash or 'its loop is no longer running'}")
+                return
+            time.sleep(every_s)
 
     def fatal(self, message: str) -> None:
         """Record why the server cannot serve and hand it to ``on_fatal`` (if any)."""
@@ -169,17 +184,26 @@ class ServerState:
         """The Retry-After header for refusals."""
         return {"Retry-After": str(self.settings.server.retry_after_s)}
 
-    def require_service(self) -> TaskService:
-        """The task service, or 503 while loading, draining, or over the memory soft limit."""
+    def require_service(self, count: bool = True) -> TaskService:
+        """The task service, or 503 while loading, draining, over the memory soft limit, or
+        with a dead engine. ``count``: record a refusal in the metrics (probes do not)."""
+        if self.engine_dead:
+            raise NotReadyError(
+                f"{self.fatal_error}; the server is restarting, retry shortly",
+                code="engine_dead",
+                headers=self.retry_after(),
+            )
         if self.draining:
-            self.metrics.rejected.labels("draining").inc()
+            if count:
+                self.metrics.rejected.labels("draining").inc()
             raise NotReadyError(
                 "the server is shutting down; retry on another instance",
                 code="draining",
                 headers=self.retry_after(),
             )
         if self.sampler is not None and self.sampler.over_soft:
-            self.metrics.rejected.labels("memory").inc()
+            if count:
+                self.metrics.rejected.labels("memory").inc()
             raise OverloadedError(
                 "the server is over its memory soft limit; retry later",
                 code="memory_pressure",

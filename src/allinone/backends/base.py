@@ -21,6 +21,10 @@ class BackendError(RuntimeError):
     """The engine failed to run a request (not the caller's fault)."""
 
 
+class EngineDeadError(BackendError):
+    """The engine loop has stopped: nothing can run until the process is restarted."""
+
+
 class EngineOverloadedError(BackendError):
     """The wait queue is full: the caller should retry later."""
 

@@ -40,6 +40,7 @@ import numpy as np
 
 from allinone.backends.base import (
     BackendError,
+    EngineDeadError,
     EngineOverloadedError,
     Finished,
     GenerationParams,
@@ -193,6 +194,7 @@ class Scheduler:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="allinone-engine", daemon=True)
         self.alive = False
+        self.crash: str | None = None  # why the loop died, if it did
         self.counters = {
             "steps": 0,
             "split_steps": 0,
@@ -222,6 +224,8 @@ class Scheduler:
     def submit(self, req: Request) -> RequestHandle:
         """Queue a request; EngineOverloadedError when the wait queue is full."""
         if not self.alive:
+            if self.crash:
+                raise EngineDeadError(f"the engine loop has stopped ({self.crash})")
             raise BackendError("the engine is not running")
         try:
             self._queue.put_nowait(req)
@@ -264,8 +268,9 @@ class Scheduler:
                 self._step()
         except Exception as exc:  # the loop must never die silently
             log.exception("engine loop crashed")
-            self._fail_all(BackendError(f"engine loop crashed: {exc}"))
+            self.crash = f"{type(exc).__name__}: {exc}"
             self.alive = False
+            self._fail_all(EngineDeadError(f"the engine loop crashed ({self.crash})"))
             return
         self._fail_all(BackendError("the engine stopped"))
         self.alive = False

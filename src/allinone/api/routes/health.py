@@ -3,26 +3,38 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from allinone.errors import NotReadyError
 
 router = APIRouter(tags=["health"])
 
 
-@router.get("/health", summary="Liveness: the process is up and answering")
-async def health(request: Request) -> dict:
+@router.get("/health", summary="Liveness: 200 while the process can serve; 503 once it cannot")
+async def health(request: Request):
     state = request.app.state.server
+    if state.engine_dead or (state.fatal_error and state.load_error):
+        # The Kubernetes liveness probe `allinone deploy k8s` renders reads this: restart us.
+        return JSONResponse(
+            {
+                "status": "dead",
+                "ready": False,
+                "draining": state.draining,
+                "error": state.fatal_error,
+            },
+            status_code=503,
+        )
     return {"status": "ok", "ready": state.ready.is_set(), "draining": state.draining}
 
 
 @router.get("/ready", summary="Readiness: 503 until the model is loaded, then 200")
 async def ready(request: Request) -> dict:
     state = request.app.state.server
-    service = state.require_service()
+    service = state.require_service(count=False)
     backend = service.backend
     if not backend.health():
-        from allinone.errors import NotReadyError
-
-        raise NotReadyError("the engine is not running")
+        raise NotReadyError("the engine is not running", code="engine_dead")
     return {
         "status": "ready",
         "model": backend.model_id,
