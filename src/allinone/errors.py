@@ -98,6 +98,13 @@ class NotReadyError(APIError):
     status, type, code = 503, "service_unavailable", "not_ready"
 
 
+class ClientClosedError(APIError):
+    """499 (nginx's code): the client closed the connection before the answer; nobody reads
+    this response, it exists for the logs and metrics."""
+
+    status, type, code = 499, "client_closed", "client_closed"
+
+
 class ShuttingDownError(NotReadyError):
     """503: the server's drain deadline passed while this request was still running."""
 
@@ -118,8 +125,11 @@ def error_response(exc: APIError) -> JSONResponse:
     )
 
 
-def to_api_error(exc: BaseException, retry_after: int = 1) -> APIError:
-    """Map any exception raised while serving to the APIError a client should see."""
+def to_api_error(exc: BaseException, retry_after: int = 1, param: str | None = None) -> APIError:
+    """Map any exception raised while serving to the APIError a client should see.
+
+    ``param``: the request field an input error is about when the error names none (the route
+    knows: ``input`` on the task routes, ``messages`` on chat)."""
     if isinstance(exc, APIError):
         return exc
     if isinstance(exc, EngineDeadError):
@@ -127,11 +137,14 @@ def to_api_error(exc: BaseException, retry_after: int = 1) -> APIError:
     if isinstance(exc, EngineOverloadedError):
         return OverloadedError(str(exc), headers={"Retry-After": str(retry_after)})
     if isinstance(exc, TaskError):
+        where = getattr(exc, "param", None) or param
         if getattr(exc, "not_found", False):
-            return NotFoundError(str(exc), param=getattr(exc, "param", None))
-        return InvalidRequestError(str(exc), param=getattr(exc, "param", None))
+            return NotFoundError(str(exc), param=where)
+        return InvalidRequestError(str(exc), param=where)
     if isinstance(exc, PromptTooLongError):
-        return InvalidRequestError(str(exc), param="messages", code="context_length_exceeded")
+        return InvalidRequestError(
+            str(exc), param=param or "messages", code="context_length_exceeded"
+        )
     if isinstance(exc, UpstreamTimeoutError):
         return GatewayTimeoutError(str(exc), code="upstream_timeout")
     if isinstance(exc, UpstreamError):

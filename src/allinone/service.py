@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -242,6 +242,34 @@ class TaskService:
         The assistant's reply is written as ``{"field": "`` ...: a text field is generated
         after its opening quote until the model closes it (or its cap), a label field is
         scored like a classification at that point. Values are escaped by ``json.dumps``."""
+        steps = self._extract_steps(task_name, text)
+        handle = next(steps)
+        while True:
+            try:
+                handle = steps.send(handle.result())
+            except StopIteration as done:
+                return done.value
+
+    async def extract_async(self, task_name: str, text: str) -> ExtractResult:
+        """Async form of ``extract``: no worker thread; if the caller goes away, the field being
+        answered is cancelled in the engine and no later field starts."""
+        steps = self._extract_steps(task_name, text)
+        handle = next(steps)
+        try:
+            while True:
+                fin = await handle.result_async()
+                try:
+                    handle = steps.send(fin)
+                except StopIteration as done:
+                    return done.value
+        finally:
+            handle.cancel()  # no-op once finished
+
+    def _extract_steps(
+        self, task_name: str, text: str
+    ) -> Generator[RequestHandle, Finished, ExtractResult]:
+        """The extraction as a generator: yields each field's engine request, receives its
+        Finished, returns the result; ``extract`` and ``extract_async`` drive it."""
         task = self.tasks.get(task_name)
         if task.kind != "extract":
             raise TaskError(f"task {task_name!r} is a {task.kind} task, not an extract task")
@@ -262,13 +290,13 @@ class TaskService:
             partial += (", " if output else "") + json.dumps(fld.name) + ': "'
             prompt = Prompt(base.prefix, (*base.body, Segment(partial, special=False)))
             if fld.type == "label":
-                fin = self.backend.score_choices(prompt, fld.labels).result()
+                fin = yield self.backend.score_choices(prompt, fld.labels)
                 value = fld.labels[max(range(len(fld.labels)), key=lambda k: fin.result[k])]
             else:
                 params = GenerationParams(
                     max_tokens=fld.max_tokens, stop=['"', "\n"], max_chars=fld.max_chars
                 )
-                fin = self.backend.generate(prompt, params).result()
+                fin = yield self.backend.generate(prompt, params)
                 value = fin.result.strip() if isinstance(fin.result, str) else ""
             output[fld.name] = value
             usage_prompt += fin.usage.prompt_tokens if i == 0 else 0

@@ -14,7 +14,7 @@ from test_engine import assert_no_leaks, chat_prompt, collect
 
 from allinone.backends import scheduler as sched_mod
 from allinone.backends.base import BackendError, GenerationParams
-from conftest import free_port
+from conftest import ServerProcess, free_port
 
 
 def test_a_failure_in_one_request_leaves_its_neighbours_in_the_same_step_running(
@@ -125,3 +125,116 @@ def test_a_dead_engine_ends_the_process_non_zero_and_says_why_meanwhile(
     out = proc.stdout.read()
     assert code == 1, out
     assert "injected loop crash" in out and "cannot serve" in out
+
+
+def _engine(srv) -> dict:
+    return httpx.get(f"{srv.url}/ready", timeout=10).json()["engine"]
+
+
+def _settles(srv, timeout: float = 30.0) -> dict:
+    """Wait until the engine holds no request; its stats then."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        stats = _engine(srv)
+        if stats["active"] == 0 and stats["queue_depth"] == 0:
+            return stats
+        time.sleep(0.1)
+    raise AssertionError(f"the engine still holds work: {stats}")
+
+
+def _hang_up(srv, path: str, body: dict, after: float = 0.5) -> None:
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(f"{srv.url}{path}", json=body, timeout=after)
+
+
+LONG_CHAT = {
+    "model": "m",
+    "max_tokens": 900,
+    "messages": [{"role": "user", "content": "Write a very long story about the sea."}],
+}
+MANY_TEXTS = {
+    "task": "sentiment-en",
+    "input": [f"review {i}: " + "so so " * 150 for i in range(60)],
+}
+LONG_EXTRACT = {"task": "summarize", "input": "客户：" + "快递一直没有到，我很着急。" * 10}
+
+
+@pytest.fixture(scope="module")
+def lifecycle_server(tiny_model_path):
+    srv = ServerProcess(str(tiny_model_path), {"ALLINONE_MODEL_ID": "m"})
+    srv.wait_ready()
+    yield srv
+    srv.stop()
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/v1/chat/completions", LONG_CHAT),
+        ("/v1/classify", MANY_TEXTS),
+        (
+            "/v1/chat/completions",
+            {"model": "sentiment-en", "messages": [{"role": "user", "content": "ok " * 600}]},
+        ),
+    ],
+    ids=["chat", "classify", "classify-as-chat"],
+)
+def test_a_client_that_hangs_up_cancels_the_engine_work_on_every_route(
+    lifecycle_server, path, body
+):
+    srv = lifecycle_server
+    before = _settles(srv)
+    _hang_up(srv, path, body, after=0.3)
+    after = _settles(srv)
+    assert after["cancelled"] > before["cancelled"], (before, after)
+    if path == "/v1/chat/completions" and body is LONG_CHAT:
+        assert after["generated_tokens"] - before["generated_tokens"] < 900
+
+
+def test_an_extraction_whose_client_hangs_up_starts_no_further_field(tiny_model_path):
+    # One sequence, held by a long stream: the extraction's first field waits in the queue
+    # when its client hangs up (the tiny model answers a whole extraction in ~0.1 s otherwise).
+    srv = ServerProcess(str(tiny_model_path), {"ALLINONE_MODEL_ID": "m", "ALLINONE_PARALLEL": "1"})
+    srv.wait_ready()
+    try:
+        before = _settles(srv)
+        with httpx.stream(
+            "POST",
+            f"{srv.url}/v1/chat/completions",
+            json={**LONG_CHAT, "stream": True},
+            timeout=60,
+        ) as occupier:
+            next(occupier.iter_lines())
+            _hang_up(srv, "/v1/extract", LONG_EXTRACT, after=0.3)
+        after = _settles(srv)
+        # the stream and the extraction's first field were cancelled; no field ran
+        assert after["cancelled"] - before["cancelled"] == 2, (before, after)
+        assert after["finished"] == before["finished"]
+    finally:
+        srv.stop()
+
+
+def test_the_request_timeout_cancels_the_engine_work_and_answers_504(tiny_model_path):
+    srv = ServerProcess(
+        str(tiny_model_path), {"ALLINONE_MODEL_ID": "m", "ALLINONE_REQUEST_TIMEOUT_S": "0.5"}
+    )
+    srv.wait_ready()
+    try:
+        for path, body in [("/v1/chat/completions", LONG_CHAT), ("/v1/extract", LONG_EXTRACT)]:
+            before = _settles(srv)
+            r = httpx.post(f"{srv.url}{path}", json=body, timeout=60)
+            assert r.status_code == 504 and r.json()["error"]["code"] == "timeout", r.text
+            after = _settles(srv)
+            assert after["cancelled"] > before["cancelled"]
+        # a stream checks its deadline while it waits, not only when a token arrives
+        with httpx.stream(
+            "POST",
+            f"{srv.url}/v1/chat/completions",
+            json={**LONG_CHAT, "stream": True},
+            timeout=60,
+        ) as resp:
+            lines = [line for line in resp.iter_lines() if line]
+        assert '"timeout"' in lines[-2] and lines[-1] == "data: [DONE]"
+        _settles(srv)
+    finally:
+        srv.stop()

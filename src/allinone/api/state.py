@@ -8,10 +8,11 @@ import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from allinone.backends.base import Backend
 from allinone.errors import (
+    ClientClosedError,
     GatewayTimeoutError,
     NotReadyError,
     OverloadedError,
@@ -138,18 +139,30 @@ class ServerState:
             f"{what} took longer than {timeout:g} s (ALLINONE_REQUEST_TIMEOUT_S)"
         )
 
-    async def bounded(self, work: Awaitable[T], what: str, deadline: float | None = None) -> T:
-        """Await ``work`` until the request timeout (or the monotonic ``deadline``) or the drain
-        deadline, whichever comes first. On either, ``work`` is cancelled (its cleanup cancels
-        the engine work) and GatewayTimeoutError (504) or ShuttingDownError (503) is raised."""
+    async def bounded(
+        self,
+        work: Awaitable[T],
+        what: str,
+        deadline: float | None = None,
+        request: Any = None,
+    ) -> T:
+        """Await ``work`` until it finishes, or until the first of: the request timeout (or the
+        monotonic ``deadline``) -> GatewayTimeoutError (504); the drain deadline ->
+        ShuttingDownError (503); the client of ``request`` (a Starlette request whose body was
+        read) hanging up -> ClientClosedError (499). In each case ``work`` is cancelled, and its
+        cleanup cancels the engine work, which leaves at the engine's next step (vLLM's
+        ``with_cancellation`` does the same for every route)."""
         if deadline is None:
             deadline = time.monotonic() + self.settings.server.request_timeout_s
         task = asyncio.ensure_future(work)
+        drain = hangup = None
         waiters: set[asyncio.Future] = {task}
-        drain = None
         if self.drain_deadline is not None:
             drain = asyncio.ensure_future(self.drain_deadline.wait())
             waiters.add(drain)
+        if request is not None:
+            hangup = asyncio.ensure_future(_until_disconnect(request))
+            waiters.add(hangup)
         try:
             done, _ = await asyncio.wait(
                 waiters,
@@ -158,13 +171,14 @@ class ServerState:
             )
             if task in done:
                 return task.result()
+            if hangup is not None and hangup in done:
+                raise ClientClosedError(f"the client closed the connection before {what} ended")
             raise self._ended_early(what, timed_out=drain not in done)
         finally:
-            if not task.done():
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
-            if drain is not None:
-                drain.cancel()
+            for fut in (task, drain, hangup):
+                if fut is not None and not fut.done():
+                    fut.cancel()
+            await asyncio.gather(*(f for f in (task, drain, hangup) if f), return_exceptions=True)
 
     async def bounded_iter(
         self, events: AsyncIterator[T], what: str, deadline: float | None = None
@@ -225,3 +239,12 @@ class ServerState:
             self.sampler.stop()
         if self.backend is not None:
             self.backend.close()
+
+
+async def _until_disconnect(request: Any) -> None:
+    """Return when the client hangs up. The route has read the body, so the next ASGI message
+    can only be ``http.disconnect``."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return

@@ -14,7 +14,7 @@ router = APIRouter(tags=["health"])
 @router.get("/health", summary="Liveness: 200 while the process can serve; 503 once it cannot")
 async def health(request: Request):
     state = request.app.state.server
-    if state.engine_dead or (state.fatal_error and state.load_error):
+    if state.engine_dead:
         # The Kubernetes liveness probe `allinone deploy k8s` renders reads this: restart us.
         return JSONResponse(
             {

@@ -6,7 +6,6 @@ system prompt, history budget and reply caps; a classify task answers with one o
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import time
@@ -25,6 +24,7 @@ from allinone.api.protocol import (
     UsageInfo,
     completion_id,
 )
+from allinone.backends.base import PromptTooLongError
 from allinone.errors import (
     InvalidRequestError,
     NotFoundError,
@@ -88,7 +88,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     request.state.task = task.name if task else "model"
     messages = _messages(body)
     if task is not None and task.kind in ("classify", "extract"):
-        return await _answer_as_chat(state, service, task, messages, body)
+        return await _answer_as_chat(state, request, service, task, messages, body)
     try:
         plan = service.plan_chat(
             task,
@@ -100,10 +100,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
             seed=body.seed,
         )
         handle = service.submit_chat(plan)
-    except TaskError as exc:
-        if exc.param is None:
-            exc.param = "messages"
-        raise to_api_error(exc) from exc
+    except (TaskError, PromptTooLongError) as exc:
+        raise to_api_error(exc, param="messages") from exc
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return StreamingResponse(
@@ -112,7 +110,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
     try:
-        finished = await state.bounded(handle.result_async(), "the reply")
+        finished = await state.bounded(handle.result_async(), "the reply", request=request)
     finally:
         handle.cancel()  # timeout, drain deadline or client gone: free the sequence
     return ChatCompletionResponse(
@@ -168,6 +166,7 @@ async def _stream(handle, model: str, include_usage: bool, state) -> AsyncIterat
 
 async def _answer_as_chat(
     state,
+    request: Request,
     service: TaskService,
     task: TaskSpec,
     messages: list[dict[str, str]],
@@ -181,19 +180,17 @@ async def _answer_as_chat(
     try:
         if task.kind == "classify":
             (result,) = await state.bounded(
-                service.classify_async(task.name, [text]), "classification"
+                service.classify_async(task.name, [text]), "classification", request=request
             )
             answer, n_prompt, n_gen = result.label, result.prompt_tokens, 1
         else:
             ext = await state.bounded(
-                asyncio.to_thread(service.extract, task.name, text), "extraction"
+                service.extract_async(task.name, text), "extraction", request=request
             )
             answer = json.dumps(ext.output, ensure_ascii=False)
             n_prompt, n_gen = ext.prompt_tokens, ext.completion_tokens
-    except TaskError as exc:
-        if exc.param is None:
-            exc.param = "messages"
-        raise to_api_error(exc) from exc
+    except (TaskError, PromptTooLongError) as exc:
+        raise to_api_error(exc, param="messages") from exc
     usage = UsageInfo(
         prompt_tokens=n_prompt, completion_tokens=n_gen, total_tokens=n_prompt + n_gen
     )

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 
 from fastapi import APIRouter, Request
@@ -16,6 +15,7 @@ from allinone.api.protocol import (
     ExtractResponse,
     UsageInfo,
 )
+from allinone.backends.base import PromptTooLongError
 from allinone.errors import InvalidRequestError, to_api_error
 from allinone.tasks import TaskError
 
@@ -46,11 +46,11 @@ async def classify(body: ClassifyRequest, request: Request) -> ClassifyResponse:
     try:
         # On timeout or the drain deadline classify_async is cancelled; its cleanup cancels
         # the engine work.
-        results = await state.bounded(service.classify_async(body.task, texts), "classification")
-    except TaskError as exc:
-        if exc.param is None:
-            exc.param = "input"
-        raise to_api_error(exc) from exc
+        results = await state.bounded(
+            service.classify_async(body.task, texts), "classification", request=request
+        )
+    except (TaskError, PromptTooLongError) as exc:
+        raise to_api_error(exc, param="input") from exc
     return ClassifyResponse(
         task=body.task,
         model=service.backend.model_id,
@@ -78,14 +78,12 @@ async def extract(body: ExtractRequest, request: Request) -> ExtractResponse:
     request.state.task = body.task
     service = state.require_service()
     try:
-        # Fields run one after another; a worker thread waits so the event loop never does.
+        # Fields run one after another; cancelling stops the field in the engine.
         result = await state.bounded(
-            asyncio.to_thread(service.extract, body.task, body.input), "extraction"
+            service.extract_async(body.task, body.input), "extraction", request=request
         )
-    except TaskError as exc:
-        if exc.param is None:
-            exc.param = "input"
-        raise to_api_error(exc) from exc
+    except (TaskError, PromptTooLongError) as exc:
+        raise to_api_error(exc, param="input") from exc
     return ExtractResponse(
         task=result.task,
         model=service.backend.model_id,
