@@ -68,6 +68,7 @@ test-fast: setup-dev models-test
 lint: setup-dev
 	$(PY) -m ruff check src tests benchmarks
 	$(PY) -m ruff format --check src tests benchmarks
+	$(PY) -m mypy
 
 format: setup-dev
 	$(PY) -m ruff format src tests benchmarks

@@ -164,9 +164,8 @@ def run_original_transformers(rows, threads):
 def run_list32(rows, threads):
     import httpx
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     from allinone.models import ensure_model
-    from conftest import ServerProcess
+    from allinone.server_process import ServerProcess
 
     srv = ServerProcess(str(ensure_model("default")), {"ALLINONE_THREADS": str(threads)})
     srv.wait_ready()

@@ -26,12 +26,11 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from allinone.models import ensure_model
+from allinone.server_process import ServerProcess
 from bench_engine import LlamaServer
 from common import SHARED_DATA, machine, read_tsv, write_result
-from conftest import ServerProcess
 
 USERS = 8
 PARALLEL = 4

@@ -30,11 +30,10 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from allinone.models import ensure_model
+from allinone.server_process import ServerProcess, free_port
 from common import SHARED_DATA, machine, read_tsv, write_result
-from conftest import ServerProcess, free_port
 
 CHAT_PROMPTS = [
     "Write a long story about a dragon who learns to cook.",

@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
-import sys
-import tempfile
-import time
 from pathlib import Path
 
-import httpx
 import pytest
 
-from allinone.models import ensure_model
+# Settings come from the environment and a .env file: keep a developer's (API keys, parallel,
+# prompt cache ...) out of the tests and of the servers they start. Only the cache location,
+# which `make` sets, passes through. This runs before any allinone module is imported.
+for _name in [n for n in os.environ if n.startswith("ALLINONE_") and n != "ALLINONE_CACHE_DIR"]:
+    del os.environ[_name]
+os.environ["ALLINONE_ENV_FILE"] = os.devnull
+
+from allinone.models import ensure_model  # noqa: E402
+from allinone.server_process import ServerProcess, free_port  # noqa: E402, F401 - for the tests
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -84,68 +86,6 @@ def tiny_backend_factory(tiny_model_path):
     yield make
     for b in made:
         b.close()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class ServerProcess:
-    """`allinone serve` in a subprocess on a free loopback port."""
-
-    def __init__(self, model: str, extra_env: dict[str, str] | None = None, args=()):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        env = {
-            **os.environ,
-            "ALLINONE_MODEL": model,
-            "ALLINONE_THREADS": "2",
-            "ALLINONE_CTX_PER_SEQ": "1024",
-            **(extra_env or {}),
-        }
-        # A file, not a pipe: an unread pipe fills up and blocks the server's logging.
-        self.log = tempfile.NamedTemporaryFile(  # noqa: SIM115 - closed in stop()
-            "w+", prefix="allinone-server-", suffix=".log"
-        )
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "allinone", "serve", "--port", str(self.port), *args],
-            env=env,
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-
-    def output(self) -> str:
-        self.log.flush()
-        self.log.seek(0)
-        return self.log.read()
-
-    def wait_ready(self, timeout: float = 120.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited early:\n{self.output()}")
-            try:
-                # /health says when the model is loaded, even if /ready refuses (memory limit).
-                if httpx.get(f"{self.url}/health", timeout=2).json().get("ready"):
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise TimeoutError("server did not become ready")
-
-    def stop(self) -> str:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        out = self.output()
-        self.log.close()
-        return out
 
 
 @pytest.fixture(scope="session")

@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
-import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 from allinone import __version__
 from allinone.settings import EngineSettings, ModelSettings, ServerSettings, Settings
@@ -250,37 +251,23 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
+def _start_server(args: argparse.Namespace):
     """`allinone serve` in a child process on a free loopback port, with the caller's flags."""
-    import socket
-    import time
+    from allinone.server_process import ServerProcess
 
-    import httpx
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "allinone", "serve", "--port", str(port)]
-    if args.model:
-        cmd += ["--model", args.model]
+    flags: list[str] = []
     for d in args.tasks_dir:
-        cmd += ["--tasks-dir", str(d)]
+        flags += ["--tasks-dir", str(d)]
     if args.threads:
-        cmd += ["--threads", str(args.threads)]
-    log = open(args.out / "server.log", "w")  # noqa: SIM115 - lives as long as the server
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(600):
-        if proc.poll() is not None:
-            raise RuntimeError(f"the server exited; see {args.out / 'server.log'}")
-        try:
-            if httpx.get(f"{url}/health", timeout=2).json().get("ready"):
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError("the server did not become ready in 120 s")
+        flags += ["--threads", str(args.threads)]
+    model = args.model or os.environ.get("ALLINONE_MODEL", "default")
+    srv = ServerProcess(model, None, flags, log_path=args.out / "server.log", small=False)
+    try:
+        srv.wait_ready(timeout=120)
+    except (RuntimeError, TimeoutError) as exc:
+        srv.stop()
+        raise RuntimeError(f"{exc}; see {args.out / 'server.log'}") from None
+    return srv
 
 
 def cmd_soak(args: argparse.Namespace) -> int:
@@ -289,10 +276,10 @@ def cmd_soak(args: argparse.Namespace) -> int:
     from allinone.soak import SoakConfig, plot, run_soak
 
     args.out.mkdir(parents=True, exist_ok=True)
-    proc, url, pid = None, args.url, None
+    srv, url, pid = None, args.url, None
     if url is None:
-        proc, url = _start_server(args)
-        pid = proc.pid
+        srv = _start_server(args)
+        url, pid = srv.url, srv.pid
     try:
         headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
         models = httpx.get(f"{url}/v1/models", headers=headers, timeout=30).json()["data"]
@@ -320,9 +307,8 @@ def cmd_soak(args: argparse.Namespace) -> int:
             checkpoint=args.out / "soak.partial.json",
         )
     finally:
-        if proc is not None:
-            proc.terminate()
-            proc.wait(60)
+        if srv is not None:
+            srv.stop()
     (args.out / "soak.json").write_text(json.dumps(report.to_dict(), indent=2))
     plot(report, args.out / "soak.png")
     ok = (
@@ -431,7 +417,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
     cache = ModelSettings().cache_dir
     if args.action == "list":
-        rows = []
+        rows: list[dict[str, Any]] = []
         for e in CATALOG.values():
             present = fetching.is_present(e, cache)
             rows.append(

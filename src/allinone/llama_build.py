@@ -271,11 +271,8 @@ def disabled_flags(results: list[ProbeResult], probes: tuple[Probe, ...] = PROBE
 def unsafe_system_info(results: list[ProbeResult], probes: tuple[Probe, ...] = PROBES) -> list[str]:
     """``llama_print_system_info()`` names of the extensions that must not show as ``= 1``."""
     by_name = {p.name: p for p in probes}
-    return [
-        by_name[r.name].system_info
-        for r in results
-        if r.status in ("traps", "failed") and by_name[r.name].system_info
-    ]
+    names = [by_name[r.name].system_info for r in results if r.status in ("traps", "failed")]
+    return [n for n in names if n]
 
 
 def host_description() -> dict[str, str]:

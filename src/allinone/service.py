@@ -214,7 +214,9 @@ class TaskService:
         results = [self.classify_result(j, j.handle.result()) for j in jobs]
         need = self._flag(task_name, results)
         if need:
-            cats = self.classify(self.tasks.get(task_name).category_task, [texts[i] for i in need])
+            cat_task = self.tasks.get(task_name).category_task
+            assert cat_task is not None  # _flag finds texts only for tasks that have one
+            cats = self.classify(cat_task, [texts[i] for i in need])
             for i, c in zip(need, cats, strict=True):
                 results[i].category = c.label
         return results
@@ -230,6 +232,7 @@ class TaskService:
         need = self._flag(task_name, results)
         if need:
             cat_task = self.tasks.get(task_name).category_task
+            assert cat_task is not None  # _flag finds texts only for tasks that have one
             cats = await self.classify_async(cat_task, [texts[i] for i in need])
             for i, c in zip(need, cats, strict=True):
                 results[i].category = c.label

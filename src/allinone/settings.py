@@ -15,7 +15,11 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from allinone.models.catalog import DEFAULT_MODEL
 
-_COMMON = SettingsConfigDict(env_prefix="ALLINONE_", env_file=".env", extra="ignore")
+# ALLINONE_ENV_FILE moves (or, set to /dev/null, disables) the .env file; the tests do that so a
+# developer's .env cannot change their results.
+_COMMON = SettingsConfigDict(
+    env_prefix="ALLINONE_", env_file=os.environ.get("ALLINONE_ENV_FILE", ".env"), extra="ignore"
+)
 
 
 def _default_threads() -> int:

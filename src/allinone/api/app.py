@@ -38,7 +38,8 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         state.bind_loop()
-        state.sampler.start()
+        if state.sampler is not None:
+            state.sampler.start()
         loader = threading.Thread(target=state.load, name="allinone-load", daemon=True)
         loader.start()
         if not load_in_background:

@@ -79,6 +79,10 @@ class ChatCompletionRequest(BaseModel):
     n: int = Field(1, ge=1, le=1, description="Only one choice per request")
     seed: int | None = None
 
+    def stop_list(self) -> list[str] | None:
+        """``stop`` as a list (the validator below has made it one)."""
+        return [self.stop] if isinstance(self.stop, str) else self.stop
+
     @field_validator("stop")
     @classmethod
     def _stops(cls, v: str | list[str] | None) -> list[str] | None:

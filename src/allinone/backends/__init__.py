@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 
 from allinone.backends.base import Backend
 
@@ -14,7 +15,7 @@ _REGISTRY: dict[str, str] = {
 }
 
 
-def get_backend_class(name: str) -> type[Backend]:
+def get_backend_class(name: str) -> Callable[..., Backend]:
     """The backend class registered as ``name``; ValueError lists the valid names."""
     try:
         target = _REGISTRY[name]

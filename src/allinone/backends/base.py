@@ -70,6 +70,10 @@ class GenerationParams:
     seed: int | None = None
 
 
+FinishReason = Literal["stop", "length", "cancelled"]
+"""Why a request ended (OpenAI's ``finish_reason`` values, plus ``cancelled``)."""
+
+
 @dataclass
 class Usage:
     """Token counts of one finished request."""
@@ -84,7 +88,7 @@ class Finished:
     """Final event of a request: why it stopped, its usage, and its result (scoring: one
     log-probability per choice; generation: the whole reply text)."""
 
-    reason: Literal["stop", "length", "cancelled"]
+    reason: FinishReason
     usage: Usage
     result: Any = None
 

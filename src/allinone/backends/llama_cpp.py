@@ -43,7 +43,7 @@ class LlamaCppBackend(Backend):
         self.rt: LlamaRuntime | None = None
         self.scheduler: Scheduler | None = None
         self.load_seconds: float | None = None
-        self._template = None
+        self._template: ChatTemplate | None = None
         self._prefix_tokens: OrderedDict[tuple, list[int]] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -109,11 +109,17 @@ class LlamaCppBackend(Backend):
             raise BackendError("the model is not loaded")
         return self.rt
 
+    def _loop(self) -> Scheduler:
+        if self.scheduler is None:
+            raise BackendError("the model is not loaded")
+        return self.scheduler
+
     def count_tokens(self, text: str) -> int:
         return len(self._runtime().tokenize(text, special=False))
 
     def render_chat(self, messages: list[dict[str, str]], n_prefix_messages: int) -> Prompt:
         self._runtime()
+        assert self._template is not None  # set by load()
         return self._template.render(messages, n_prefix_messages)
 
     def _tokens(self, segments: tuple[Segment, ...]) -> list[int]:
@@ -155,7 +161,7 @@ class LlamaCppBackend(Backend):
             raise ValueError("a choice is empty after tokenization")
         req = self._request("score", prompt, max(len(c) for c in choice_tokens))
         req.choices = choice_tokens
-        return self.scheduler.submit(req)
+        return self._loop().submit(req)
 
     def generate(self, prompt: Prompt, params: GenerationParams) -> RequestHandle:
         self._runtime()
@@ -164,7 +170,7 @@ class LlamaCppBackend(Backend):
         room = self.settings.ctx_per_seq - len(req.prefix_tokens) - len(req.tokens)
         params.max_tokens = min(params.max_tokens, room)
         req.params = params
-        return self.scheduler.submit(req)
+        return self._loop().submit(req)
 
     def _request(self, kind: str, prompt: Prompt, n_new: int) -> Request:
         """Tokenize a prompt (prefix cached) into an engine request, checking it fits."""

@@ -26,6 +26,7 @@ from allinone.backends.base import (
     BackendError,
     EngineOverloadedError,
     Finished,
+    FinishReason,
     GenerationParams,
     Prompt,
     PromptTooLongError,
@@ -253,7 +254,8 @@ class OpenAIRemoteBackend(Backend):
             body["seed"] = params.seed
         if self._client is None:
             raise BackendError("the upstream backend is not loaded")
-        out, reason, pieces = "", "length", 0
+        out, pieces = "", 0
+        reason: FinishReason = "length"
         try:
             with self._client.stream("POST", self.base + "/completions", json=body) as r:
                 if r.status_code >= 400:

@@ -43,6 +43,7 @@ from allinone.backends.base import (
     EngineDeadError,
     EngineOverloadedError,
     Finished,
+    FinishReason,
     GenerationParams,
     RequestHandle,
     Usage,
@@ -370,12 +371,14 @@ class Scheduler:
     def _restore(self, req: Request, common: int) -> int:
         """Put back the saved conversation that shares the most with this chat, when it beats
         the ``common`` tokens the picked slot keeps; returns the tokens the slot now shares."""
+        ram = self._ram
+        assert ram is not None  # only called with the prompt cache on
         full = req.prefix_tokens + req.tokens
-        key, n = self._ram.match(full, len(full) - 1)
+        key, n = ram.match(full, len(full) - 1)
         if key < 0 or n < common + _RESTORE_MIN_GAIN:
             return common
         # Take the entry before saving what the slot holds: that save may evict it.
-        entry = self._ram.get(key)
+        entry = ram.get(key)
         self._save(req.slot)  # the slot may hold another conversation
         held = self._slot_tokens[req.slot]
         held.clear()
@@ -604,6 +607,7 @@ class Scheduler:
 
     def _on_token(self, req: Request, logits: np.ndarray) -> None:
         p = req.params
+        assert req.rng is not None and req.decoder is not None  # set when generation starts
         tok = sample_token(logits, p, req.rng)
         if self.rt.is_eog(tok):
             self._end(req, reason="stop")
@@ -639,7 +643,7 @@ class Scheduler:
     def _end(
         self,
         req: Request,
-        reason: str = "stop",
+        reason: FinishReason = "stop",
         result: object = None,
         error: BaseException | None = None,
     ) -> None:

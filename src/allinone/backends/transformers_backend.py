@@ -24,6 +24,7 @@ from allinone.backends.base import (
     BackendError,
     EngineOverloadedError,
     Finished,
+    FinishReason,
     GenerationParams,
     Prompt,
     PromptTooLongError,
@@ -57,7 +58,7 @@ def hf_folder(model_path: Path, cache_dir: Path | None = None) -> Path:
     )
     # transformers refuses to save a model loaded from GGUF while it carries the GGUF quantizer
     # marker; the weights are already dequantised, so drop it.
-    model.hf_quantizer = None
+    model.hf_quantizer = None  # type: ignore[assignment]
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     tmp = out.with_name(out.name + ".partial")
@@ -246,7 +247,8 @@ class TransformersBackend(Backend):
         gen = torch.Generator().manual_seed(params.seed if params.seed is not None else 0)
         ids = body
         out_ids: list[int] = []
-        text, reason = "", "length"
+        text = ""
+        reason: FinishReason = "length"
         room = self.settings.ctx_per_seq - len(prefix) - len(body)
         for _ in range(min(params.max_tokens, room)):
             if handle.cancelled.is_set():
@@ -268,7 +270,7 @@ class TransformersBackend(Backend):
                 break
             out_ids.append(token)
             ids = [token]
-            new = self.tok.decode(out_ids, skip_special_tokens=True)
+            new = str(self.tok.decode(out_ids, skip_special_tokens=True))
             if new.endswith("\ufffd"):
                 continue  # an unfinished UTF-8 sequence: wait for its next token
             delta, text = new[len(text) :], new

@@ -147,6 +147,7 @@ class VLLMBackend(Backend):
                 with self._lock:
                     self._pending -= 1
 
+        assert self._loop is not None  # started by load()
         asyncio.run_coroutine_threadsafe(run(), self._loop)
         return handle
 

@@ -180,7 +180,9 @@ def _derive(entry: ModelEntry, path: Path, cache_dir: Path | None) -> Path:
     from llama_cpp._utils import suppress_stdout_stderr
 
     recipe = entry.derived
+    assert recipe is not None, f"{entry.name} is not a derived model"
     base = get_entry(recipe.base)
+    assert base is not None, f"{recipe.base} is not in the catalog"
     src = fetch(base, cache_dir)
     params = llama_cpp.llama_model_quantize_default_params()
     params.nthread = os.cpu_count() or 1

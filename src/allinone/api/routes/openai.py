@@ -96,7 +96,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
             max_tokens=body.max_completion_tokens or body.max_tokens,
             temperature=body.temperature,
             top_p=body.top_p,
-            stop=body.stop,
+            stop=body.stop_list(),
             seed=body.seed,
         )
         handle = service.submit_chat(plan)
