@@ -3,6 +3,7 @@ ends the process, and disconnects and deadlines cancel the engine work on every 
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -238,3 +239,21 @@ def test_the_request_timeout_cancels_the_engine_work_and_answers_504(tiny_model_
         _settles(srv)
     finally:
         srv.stop()
+
+
+def test_a_task_answered_through_a_stream_honours_include_usage(lifecycle_server):
+    body = {
+        "model": "sentiment-en",
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "messages": [{"role": "user", "content": "I loved it"}],
+    }
+    with httpx.stream(
+        "POST", f"{lifecycle_server.url}/v1/chat/completions", json=body, timeout=60
+    ) as r:
+        lines = [line for line in r.iter_lines() if line]
+    events = [json.loads(line[6:]) for line in lines[:-1]]
+    assert lines[-1] == "data: [DONE]"
+    assert events[0]["choices"][0]["delta"]["content"] in ("positive", "negative")
+    assert events[-2]["choices"][0]["finish_reason"] == "stop"
+    assert events[-1]["choices"] == [] and events[-1]["usage"]["prompt_tokens"] > 0

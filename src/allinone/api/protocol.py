@@ -151,6 +151,72 @@ class ChatCompletionResponse(BaseModel):
     usage: UsageInfo
 
 
+class DeltaMessage(BaseModel):
+    """What one stream chunk adds to the reply."""
+
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChunkChoice(BaseModel):
+    """One choice of a stream chunk."""
+
+    index: int = 0
+    delta: DeltaMessage
+    finish_reason: str | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    """One ``data:`` event of a streamed chat completion (OpenAI's shape)."""
+
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChunkChoice]
+    usage: UsageInfo | None = None
+
+
+class ChunkStream:
+    """Builds the chunks of one streamed reply: same id, creation time and model throughout."""
+
+    def __init__(self, model: str) -> None:
+        self.id, self.created, self.model = completion_id(), int(time.time()), model
+
+    def sse(self, chunk: ChatCompletionChunk) -> str:
+        """One SSE event. Fields never set are left out (a delta without ``role``, a chunk
+        without ``usage``); ``finish_reason`` is always there, null until the end, as OpenAI's."""
+        return f"data: {chunk.model_dump_json(exclude_unset=True)}\n\n"
+
+    def delta(self, content: str, role: bool = False) -> str:
+        """A chunk that adds ``content`` (and opens the assistant's message with ``role``)."""
+        d = (
+            DeltaMessage(role="assistant", content=content)
+            if role
+            else DeltaMessage(content=content)
+        )
+        return self.sse(self._chunk([ChunkChoice(index=0, delta=d, finish_reason=None)]))
+
+    def finish(self, reason: str) -> str:
+        """The chunk that ends the choice with its finish reason."""
+        choice = ChunkChoice(index=0, delta=DeltaMessage(), finish_reason=reason)
+        return self.sse(self._chunk([choice]))
+
+    def usage(self, usage: UsageInfo) -> str:
+        """The usage chunk (``stream_options.include_usage``): no choices."""
+        return self.sse(self._chunk([], usage))
+
+    def _chunk(self, choices: list[ChunkChoice], usage: UsageInfo | None = None):
+        fields = {"id": self.id, "object": "chat.completion.chunk", "created": self.created}
+        fields |= {"model": self.model, "choices": choices}
+        if usage is not None:
+            fields["usage"] = usage
+        return ChatCompletionChunk(**fields)
+
+
+DONE = "data: [DONE]\n\n"
+
+
 class ModelCard(BaseModel):
     """An entry of GET /v1/models: the loaded model or one task."""
 

@@ -8,21 +8,21 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
 from allinone.api.protocol import (
+    DONE,
     ChatCompletionMessage,
     ChatCompletionRequest,
     ChatCompletionResponse,
     Choice,
+    ChunkStream,
     ModelCard,
     ModelList,
     UsageInfo,
-    completion_id,
 )
 from allinone.backends.base import PromptTooLongError
 from allinone.errors import (
@@ -126,40 +126,21 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
 
 
 async def _stream(handle, model: str, include_usage: bool, state) -> AsyncIterator[str]:
-    cid, created = completion_id(), int(time.time())
-
-    def chunk(delta: dict, finish: str | None = None) -> dict:
-        return {
-            "id": cid,
-            "object": "chat.completion.chunk",
-            "created": created,
-            "model": model,
-            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
-        }
-
+    out = ChunkStream(model)
     try:
-        yield _sse(chunk({"role": "assistant", "content": ""}))
+        yield out.delta("", role=True)
         async for kind, value in state.bounded_iter(handle.aevents(), "the reply"):
             if kind == "text":
-                yield _sse(chunk({"content": value}))
+                yield out.delta(value)
                 continue
-            yield _sse(chunk({}, value.reason))
+            yield out.finish(value.reason)
             if include_usage:
-                yield _sse(
-                    {
-                        "id": cid,
-                        "object": "chat.completion.chunk",
-                        "created": created,
-                        "model": model,
-                        "choices": [],
-                        "usage": UsageInfo.of(value.usage).model_dump(),
-                    }
-                )
-        yield "data: [DONE]\n\n"
+                yield out.usage(UsageInfo.of(value.usage))
+        yield DONE
     except Exception as exc:  # a failure mid-stream ends it with one error event, then [DONE]
         err = to_api_error(exc)
         yield _sse(envelope(err.message, err.type, err.code, err.param))
-        yield "data: [DONE]\n\n"
+        yield DONE
     finally:
         handle.cancel()
 
@@ -195,19 +176,15 @@ async def _answer_as_chat(
         prompt_tokens=n_prompt, completion_tokens=n_gen, total_tokens=n_prompt + n_gen
     )
     if body.stream:
-        cid, created = completion_id(), int(time.time())
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
         async def one() -> AsyncIterator[str]:
-            base = {
-                "id": cid,
-                "object": "chat.completion.chunk",
-                "created": created,
-                "model": body.model,
-            }
-            delta = {"role": "assistant", "content": answer}
-            yield _sse({**base, "choices": [{"index": 0, "delta": delta, "finish_reason": None}]})
-            yield _sse({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
-            yield "data: [DONE]\n\n"
+            out = ChunkStream(body.model)
+            yield out.delta(answer, role=True)
+            yield out.finish("stop")
+            if include_usage:
+                yield out.usage(usage)
+            yield DONE
 
         return StreamingResponse(one(), media_type="text/event-stream")
     return ChatCompletionResponse(
