@@ -19,14 +19,12 @@ from allinone.backends.base import (
     Segment,
 )
 from allinone.backends.chat_template import ChatTemplate
+from allinone.backends.kv_layout import KVLayout
 from allinone.backends.llama_runtime import ContextShape, LlamaRuntime
 from allinone.backends.scheduler import Request, Scheduler
 from allinone.settings import EngineSettings
 
 log = logging.getLogger(__name__)
-
-# Label branches need KV cells beyond the per-sequence share; labels are a few tokens each.
-_SCRATCH_CELLS_PER_SLOT = 256
 
 
 class LlamaCppBackend(Backend):
@@ -58,14 +56,11 @@ class LlamaCppBackend(Backend):
     def load(self) -> None:
         s = self.settings
         t0 = time.perf_counter()
-        n_ctx = (
-            s.parallel * s.ctx_per_seq
-            + s.prefix_cache_tokens
-            + s.parallel * _SCRATCH_CELLS_PER_SLOT
-        )
+        layout = KVLayout.of(s)
+        n_ctx = layout.n_cells
         shape = ContextShape(
             n_ctx=n_ctx,
-            n_seq_max=Scheduler.n_seq_max(s.parallel, s.prefix_cache_size, s.max_choices),
+            n_seq_max=layout.n_seq_max,
             n_batch=s.n_batch,
             threads=s.threads,
         )

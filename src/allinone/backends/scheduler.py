@@ -48,6 +48,7 @@ from allinone.backends.base import (
     RequestHandle,
     Usage,
 )
+from allinone.backends.kv_layout import KVLayout
 from allinone.backends.llama_runtime import LlamaRuntime
 from allinone.backends.prompt_cache import PromptCache
 
@@ -184,10 +185,11 @@ class Scheduler:
         self._free_slots = list(range(parallel))  # least recently freed first
         # the tokens each slot's cells hold, position by position
         self._slot_tokens: dict[int, list[int]] = {s: [] for s in range(parallel)}
-        first_prefix = parallel
-        self._free_prefix_seqs = list(range(first_prefix, first_prefix + prefix_cache_size))
-        first_scratch = first_prefix + prefix_cache_size
-        self._free_scratch = list(range(first_scratch, first_scratch + parallel * max_choices))
+        layout = KVLayout(
+            parallel, ctx_per_seq, prefix_cache_size, prefix_cache_tokens, max_choices
+        )
+        self._free_prefix_seqs = list(layout.prefix_seqs)
+        self._free_scratch = list(layout.scratch_seqs)
         # prefix key -> (sequence id, token count); least recently used first
         self._prefixes: OrderedDict[tuple, tuple[int, int]] = OrderedDict()
         self._prefix_tokens_used = 0
@@ -210,11 +212,6 @@ class Scheduler:
             "cancelled": 0,
             "failed": 0,
         }
-
-    @staticmethod
-    def n_seq_max(parallel: int, prefix_cache_size: int, max_choices: int) -> int:
-        """Sequence ids the context must allow for these pool sizes."""
-        return parallel + prefix_cache_size + parallel * max_choices
 
     # -- caller side -------------------------------------------------------------------------
     def start(self) -> None:

@@ -13,8 +13,10 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from allinone.backends.kv_layout import SCRATCH_CELLS_PER_SLOT, KVLayout
 from allinone.planner import formats
 from allinone.planner.shapes import ModelShape, resolve_shape
+from allinone.settings import EngineSettings
 
 MiB = 2**20
 GiB = 2**30
@@ -24,13 +26,11 @@ GiB = 2**30
 # (tokenizer tables, graph metadata, thread pool).
 PROCESS_BASE_BYTES = 72 * MiB
 LLAMA_RUNTIME_BYTES = 49 * MiB
-# This project's engine layout (backends/llama_cpp.py and scheduler.py defaults).
-PREFIX_CACHE_TOKENS = 4096
-PREFIX_CACHE_SEQS = 8
-MAX_CHOICES = 16
-SCRATCH_CELLS_PER_SLOT = 256
-N_BATCH = 512
-PROMPT_CACHE_BYTES = 128 * MiB  # ALLINONE_PROMPT_CACHE_MB's default
+# This project's engine at its default settings (the KV layout itself: backends/kv_layout.py).
+_ENGINE = EngineSettings.model_fields
+PREFIX_CACHE_TOKENS = _ENGINE["prefix_cache_tokens"].default
+N_BATCH = _ENGINE["n_batch"].default
+PROMPT_CACHE_BYTES = _ENGINE["prompt_cache_mb"].default * MiB
 # vLLM estimates (not measured here): CUDA context + NCCL per GPU, CUDA graphs, batched tokens.
 CUDA_CONTEXT_BYTES = 768 * MiB
 CUDA_GRAPHS_BYTES = 512 * MiB
@@ -183,14 +183,15 @@ def make_plan(req: PlanRequest) -> dict:
 
 def _plan_cpu(plan, req, shape, devices, file_bytes, repacked, kv_per_token) -> None:
     """This project's llama.cpp engine: every buffer it allocates, as llama.cpp sizes them."""
-    kv_tokens = (
-        req.context * req.concurrency
-        + PREFIX_CACHE_TOKENS
-        + SCRATCH_CELLS_PER_SLOT * req.concurrency
+    layout = KVLayout(
+        parallel=req.concurrency,
+        ctx_per_seq=req.context,
+        prefix_cache_size=_ENGINE["prefix_cache_size"].default,
+        prefix_cache_tokens=PREFIX_CACHE_TOKENS,
+        max_choices=_ENGINE["max_choices"].default,
     )
-    kv_total = int(kv_per_token * kv_tokens)
-    n_seq_max = req.concurrency + PREFIX_CACHE_SEQS + req.concurrency * MAX_CHOICES
-    output = n_seq_max * shape.vocab * 4
+    kv_total = int(kv_per_token * layout.n_cells)
+    output = layout.n_seq_max * shape.vocab * 4
     workspace = N_BATCH * (3 * shape.intermediate + 8 * shape.hidden) * 4
     overhead = PROCESS_BASE_BYTES + LLAMA_RUNTIME_BYTES
     after_load = file_bytes + repacked + kv_total + output + overhead
@@ -204,7 +205,7 @@ def _plan_cpu(plan, req, shape, devices, file_bytes, repacked, kv_per_token) -> 
             "repacked": "Q4_0/Q4_K tensors other than token embeddings, copied by llama.cpp's "
             "CPU_REPACK buffer",
             "kv": f"context x concurrency + {PREFIX_CACHE_TOKENS} cells for cached task prefixes "
-            f"+ {SCRATCH_CELLS_PER_SLOT} scratch cells per sequence (this engine's layout)",
+            f"+ {SCRATCH_CELLS_PER_SLOT} scratch cells per sequence (backends/kv_layout.py)",
             "output": "llama.cpp output buffer: n_seq_max x vocab x 4 bytes (fp32 logits)",
             "workspace": f"compute buffer pages touched by a {N_BATCH}-token batch: "
             "n_batch x (3 x intermediate + 8 x hidden) x 4 bytes",
@@ -223,7 +224,7 @@ def _plan_cpu(plan, req, shape, devices, file_bytes, repacked, kv_per_token) -> 
     plan.update(
         {
             "engine": "llama_cpp",
-            "kv_tokens": kv_tokens,
+            "kv_tokens": layout.n_cells,
             "kv_bytes_total": kv_total,
             "repacked_bytes": repacked,
             "output_buffer_bytes": output,
