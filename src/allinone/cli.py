@@ -1,4 +1,5 @@
-"""Command-line interface: one command per job (serve, classify, chat, tasks, models)."""
+"""Command-line interface: one command per job: serve, classify, extract, chat, eval, calibrate,
+soak, plan, deploy, tasks, models, doctor. Every setting is also a flag (see settings_flags)."""
 
 from __future__ import annotations
 
@@ -13,30 +14,18 @@ from typing import Any
 
 from allinone import __version__
 from allinone.settings import EngineSettings, ModelSettings, ServerSettings, Settings
+from allinone.settings_flags import add_settings_flags
 
 
 def _settings(args: argparse.Namespace) -> Settings:
-    """Flags override env/.env, which override defaults."""
-    model_over = {
-        "model": args.model,
-        "backend": getattr(args, "backend", None),
-        "upstream": getattr(args, "upstream", None),
-        "upstream_model": getattr(args, "upstream_model", None),
-    }
-    model = ModelSettings(**{k: v for k, v in model_over.items() if v is not None})
-    engine_over = {
-        "threads": getattr(args, "threads", None),
-        "parallel": getattr(args, "parallel", None),
-        "ctx_per_seq": getattr(args, "ctx_per_seq", None),
-    }
-    engine = EngineSettings(**{k: v for k, v in engine_over.items() if v is not None})
-    server_over = {
-        "host": getattr(args, "host", None),
-        "port": getattr(args, "port", None),
-        "tasks_dir": args.tasks_dir or None,
-    }
-    server = ServerSettings(**{k: v for k, v in server_over.items() if v is not None})
-    return Settings(model=model, engine=engine, server=server)
+    """Flags override env/.env, which override defaults (flags: allinone.settings_flags)."""
+    from allinone.settings_flags import settings_from_flags
+
+    return Settings(
+        model=settings_from_flags(args, ModelSettings),
+        engine=settings_from_flags(args, EngineSettings),
+        server=settings_from_flags(args, ServerSettings, tasks_dir=args.tasks_dir or None),
+    )
 
 
 def _service(settings: Settings, use_calibration: bool = True):
@@ -511,29 +500,22 @@ def cmd_deploy(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for tests and docs)."""
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--model", help="catalog name/alias or path to a GGUF (env ALLINONE_MODEL)")
     common.add_argument(
         "--tasks-dir",
         action="append",
         type=Path,
         default=[],
-        help="folder of extra task files (*.toml); may repeat",
+        help="folder of extra task files (*.toml); may repeat (env ALLINONE_TASKS_DIR)",
     )
-    common.add_argument("--threads", type=int, help="CPU threads (env ALLINONE_THREADS)")
-    common.add_argument("--backend", help="engine: llama_cpp (default) or openai (a remote server)")
-    common.add_argument("--upstream", help="openai backend: base URL of the upstream server")
-    common.add_argument("--upstream-model", help="openai backend: the upstream's model id")
     common.add_argument("-v", "--verbose", action="store_true", help="log more")
+    add_settings_flags(common, ModelSettings, EngineSettings)
 
     p = argparse.ArgumentParser(prog="allinone", description=__doc__)
     p.add_argument("--version", action="version", version=f"allinone {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("serve", parents=[common], help="run the HTTP server")
-    s.add_argument("--host", help="address (default 127.0.0.1)")
-    s.add_argument("--port", type=int, help="port (default 8000)")
-    s.add_argument("--parallel", type=int, help="sequences decoded together (default 4)")
-    s.add_argument("--ctx-per-seq", type=int, help="context tokens per sequence (default 2048)")
+    add_settings_flags(s, ServerSettings)
     s.set_defaults(func=cmd_serve)
 
     c = sub.add_parser("classify", parents=[common], help="classify text(s); '-' reads stdin")

@@ -14,6 +14,7 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from allinone.models.catalog import DEFAULT_MODEL
+from allinone.models.fetch import default_cache_dir
 
 # ALLINONE_ENV_FILE moves (or, set to /dev/null, disables) the .env file; the tests do that so a
 # developer's .env cannot change their results.
@@ -36,10 +37,14 @@ class ModelSettings(BaseSettings):
     model_config = _COMMON
     model: str = Field(DEFAULT_MODEL, description="Catalog name/alias or path to a GGUF file")
     model_id: str | None = Field(None, description="Id the API reports; default: the model's name")
-    backend: str = Field("llama_cpp", description="Engine that runs the model")
+    backend: str = Field(
+        "llama_cpp",
+        description="Engine that runs the model: llama_cpp, transformers, vllm or "
+        "openai (a remote OpenAI-compatible server)",
+    )
     cache_dir: Path = Field(
-        Path(os.environ.get("ALLINONE_CACHE_DIR", "~/.cache/allinone")).expanduser(),
-        description="Where fetched models are kept",
+        default_factory=default_cache_dir,
+        description="Where fetched models, wheels and start-up checks are kept",
     )
     download: bool = Field(True, description="Fetch a catalog model that is not cached yet")
     # The `openai` backend: the model runs in another OpenAI-compatible server.
@@ -53,6 +58,17 @@ class ModelSettings(BaseSettings):
     chat_template: Path | None = Field(
         None, description="Jinja chat template for the upstream model (default: ChatML)"
     )
+
+    @field_validator("backend")
+    @classmethod
+    def _known_backend(cls, v: str) -> str:
+        # Checked when the settings are read, so a typo stops `serve` at once with the list,
+        # instead of a loader thread failing after the server started.
+        from allinone.backends import backend_names
+
+        if v not in backend_names():
+            raise ValueError(f"unknown backend {v!r}; valid backends: {', '.join(backend_names())}")
+        return v
 
 
 class EngineSettings(BaseSettings):

@@ -1,1 +1,2 @@
-"""Resource planning: memory arithmetic for any model shape (work in progress: shapes first)."""
+"""Resource planning: memory for any model shape on CPUs (this engine) or GPUs (vLLM), limits,
+and deployment files (systemd, container, compose, Kubernetes, vLLM with Ray)."""
