@@ -91,7 +91,25 @@ def tiny_backend_factory(tiny_model_path):
 @pytest.fixture(scope="session")
 def server(default_model_path):
     """A real server running the default model; shared by the API tests."""
-    srv = ServerProcess(str(default_model_path), {"ALLINONE_MODEL_ID": "qwen-default"})
-    srv.wait_ready()
-    yield srv
-    srv.stop()
+    with ServerProcess.running(
+        str(default_model_path), {"ALLINONE_MODEL_ID": "qwen-default"}
+    ) as srv:
+        yield srv
+
+
+@pytest.fixture
+def tiny_server(tiny_model_path):
+    """Start tiny-model servers (``tiny_server(ALLINONE_X="...")``, model id ``m``); each is
+    stopped after the test."""
+    servers = []
+
+    def start(**env):
+        srv = ServerProcess(str(tiny_model_path), {"ALLINONE_MODEL_ID": "m", **env})
+        srv.wait_ready()
+        servers.append(srv)
+        return srv
+
+    yield start
+    for srv in servers:
+        if srv.proc.poll() is None:
+            srv.stop()

@@ -3,6 +3,7 @@ and the benchmarks (one helper instead of three)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -10,7 +11,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import httpx
 
@@ -82,6 +83,17 @@ class ServerProcess:
                 pass
             time.sleep(0.2)
         raise TimeoutError(f"server did not become ready in {timeout:g} s")
+
+    @classmethod
+    @contextlib.contextmanager
+    def running(cls, model: str, extra_env: dict[str, str] | None = None, **kw: Any):
+        """A ready server for the ``with`` block, stopped after it."""
+        srv = cls(model, extra_env, **kw)
+        try:
+            srv.wait_ready()
+            yield srv
+        finally:
+            srv.stop()
 
     def stop(self) -> str:
         """SIGTERM (a drain), SIGKILL after 30 s; returns the server's output."""

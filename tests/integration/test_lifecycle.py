@@ -160,12 +160,16 @@ MANY_TEXTS = {
 LONG_EXTRACT = {"task": "summarize", "input": "客户：" + "快递一直没有到，我很着急。" * 10}
 
 
+def _long_stream(srv):
+    return httpx.stream(
+        "POST", f"{srv.url}/v1/chat/completions", json={**LONG_CHAT, "stream": True}, timeout=60
+    )
+
+
 @pytest.fixture(scope="module")
 def lifecycle_server(tiny_model_path):
-    srv = ServerProcess(str(tiny_model_path), {"ALLINONE_MODEL_ID": "m"})
-    srv.wait_ready()
-    yield srv
-    srv.stop()
+    with ServerProcess.running(str(tiny_model_path), {"ALLINONE_MODEL_ID": "m"}) as srv:
+        yield srv
 
 
 @pytest.mark.parametrize(
@@ -192,53 +196,33 @@ def test_a_client_that_hangs_up_cancels_the_engine_work_on_every_route(
         assert after["generated_tokens"] - before["generated_tokens"] < 900
 
 
-def test_an_extraction_whose_client_hangs_up_starts_no_further_field(tiny_model_path):
+def test_an_extraction_whose_client_hangs_up_starts_no_further_field(tiny_server):
     # One sequence, held by a long stream: the extraction's first field waits in the queue
     # when its client hangs up (the tiny model answers a whole extraction in ~0.1 s otherwise).
-    srv = ServerProcess(str(tiny_model_path), {"ALLINONE_MODEL_ID": "m", "ALLINONE_PARALLEL": "1"})
-    srv.wait_ready()
-    try:
+    srv = tiny_server(ALLINONE_PARALLEL="1")
+    before = _settles(srv)
+    with _long_stream(srv) as occupier:
+        next(occupier.iter_lines())
+        _hang_up(srv, "/v1/extract", LONG_EXTRACT, after=0.3)
+    after = _settles(srv)
+    # the stream and the extraction's first field were cancelled; no field ran
+    assert after["cancelled"] - before["cancelled"] == 2, (before, after)
+    assert after["finished"] == before["finished"]
+
+
+def test_the_request_timeout_cancels_the_engine_work_and_answers_504(tiny_server):
+    srv = tiny_server(ALLINONE_REQUEST_TIMEOUT_S="0.5")
+    for path, body in [("/v1/chat/completions", LONG_CHAT), ("/v1/extract", LONG_EXTRACT)]:
         before = _settles(srv)
-        with httpx.stream(
-            "POST",
-            f"{srv.url}/v1/chat/completions",
-            json={**LONG_CHAT, "stream": True},
-            timeout=60,
-        ) as occupier:
-            next(occupier.iter_lines())
-            _hang_up(srv, "/v1/extract", LONG_EXTRACT, after=0.3)
+        r = httpx.post(f"{srv.url}{path}", json=body, timeout=60)
+        assert r.status_code == 504 and r.json()["error"]["code"] == "timeout", r.text
         after = _settles(srv)
-        # the stream and the extraction's first field were cancelled; no field ran
-        assert after["cancelled"] - before["cancelled"] == 2, (before, after)
-        assert after["finished"] == before["finished"]
-    finally:
-        srv.stop()
-
-
-def test_the_request_timeout_cancels_the_engine_work_and_answers_504(tiny_model_path):
-    srv = ServerProcess(
-        str(tiny_model_path), {"ALLINONE_MODEL_ID": "m", "ALLINONE_REQUEST_TIMEOUT_S": "0.5"}
-    )
-    srv.wait_ready()
-    try:
-        for path, body in [("/v1/chat/completions", LONG_CHAT), ("/v1/extract", LONG_EXTRACT)]:
-            before = _settles(srv)
-            r = httpx.post(f"{srv.url}{path}", json=body, timeout=60)
-            assert r.status_code == 504 and r.json()["error"]["code"] == "timeout", r.text
-            after = _settles(srv)
-            assert after["cancelled"] > before["cancelled"]
-        # a stream checks its deadline while it waits, not only when a token arrives
-        with httpx.stream(
-            "POST",
-            f"{srv.url}/v1/chat/completions",
-            json={**LONG_CHAT, "stream": True},
-            timeout=60,
-        ) as resp:
-            lines = [line for line in resp.iter_lines() if line]
-        assert '"timeout"' in lines[-2] and lines[-1] == "data: [DONE]"
-        _settles(srv)
-    finally:
-        srv.stop()
+        assert after["cancelled"] > before["cancelled"]
+    # a stream checks its deadline while it waits, not only when a token arrives
+    with _long_stream(srv) as resp:
+        lines = [line for line in resp.iter_lines() if line]
+    assert '"timeout"' in lines[-2] and lines[-1] == "data: [DONE]"
+    _settles(srv)
 
 
 def test_a_task_answered_through_a_stream_honours_include_usage(lifecycle_server):

@@ -7,9 +7,6 @@ import threading
 import time
 
 import httpx
-import pytest
-
-from conftest import ServerProcess
 
 
 def chat_body(max_tokens=200, stream=False, text="Write a long story about the sea."):
@@ -19,22 +16,6 @@ def chat_body(max_tokens=200, stream=False, text="Write a long story about the s
         "stream": stream,
         "messages": [{"role": "user", "content": text}],
     }
-
-
-@pytest.fixture
-def tiny_server(tiny_model_path):
-    servers = []
-
-    def start(**env):
-        srv = ServerProcess(str(tiny_model_path), {"ALLINONE_MODEL_ID": "m", **env})
-        srv.wait_ready()
-        servers.append(srv)
-        return srv
-
-    yield start
-    for srv in servers:
-        if srv.proc.poll() is None:
-            srv.stop()
 
 
 def test_api_keys(tiny_server):
@@ -115,18 +96,24 @@ def test_request_timeout_is_504_and_stops_decoding(tiny_server):
     assert r.status_code == 200
 
 
-def test_sigterm_lets_a_request_that_fits_the_drain_finish_then_exits_0(tiny_server):
-    srv = tiny_server()  # drain timeout 30 s: far more than 16 tokens need on any host
+def _stream_then_sigterm(srv, max_tokens: int, before_signal=lambda: None) -> list[str]:
+    """Open a stream, wait for its first event, SIGTERM the server; the rest of the body."""
     with (
-        httpx.Client(timeout=60) as client,
+        httpx.Client(timeout=120) as client,
         client.stream(
-            "POST", f"{srv.url}/v1/chat/completions", json=chat_body(16, stream=True)
+            "POST", f"{srv.url}/v1/chat/completions", json=chat_body(max_tokens, stream=True)
         ) as resp,
     ):
         lines = iter(resp.iter_lines())
         next(lines)
+        before_signal()
         srv.proc.send_signal(signal.SIGTERM)
-        rest = list(lines)
+        return list(lines)  # the body ends cleanly: no incomplete chunked read
+
+
+def test_sigterm_lets_a_request_that_fits_the_drain_finish_then_exits_0(tiny_server):
+    srv = tiny_server()  # drain timeout 30 s: far more than 16 tokens need on any host
+    rest = _stream_then_sigterm(srv, 16)
     events = [json.loads(line[6:]) for line in rest if line.startswith("data: {")]
     finishes = [c["finish_reason"] for e in events for c in e.get("choices", [])]
     assert finishes[-1] in ("length", "stop")  # it was allowed to finish
@@ -156,17 +143,7 @@ def test_requests_still_running_at_the_drain_deadline_end_cleanly_then_exit_0(ti
 
     sender = threading.Thread(target=send_plain)
     sender.start()
-    with (
-        httpx.Client(timeout=120) as client,
-        client.stream(
-            "POST", f"{srv.url}/v1/chat/completions", json=chat_body(900, stream=True)
-        ) as resp,
-    ):
-        lines = iter(resp.iter_lines())
-        next(lines)
-        _wait_inflight(srv, 2)
-        srv.proc.send_signal(signal.SIGTERM)
-        rest = list(lines)  # the body ends cleanly: no incomplete chunked read
+    rest = _stream_then_sigterm(srv, 900, before_signal=lambda: _wait_inflight(srv, 2))
     sender.join(timeout=60)
     events = [json.loads(line[6:]) for line in rest if line.startswith("data: {")]
     assert events[-1]["error"]["code"] == "shutting_down", events[-1]
