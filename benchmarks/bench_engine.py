@@ -109,7 +109,7 @@ def raw_decode_rate(model: Path, threads: int, n: int = 64) -> float:
     """Tokens/s of a bare greedy loop over llama_decode, one sequence, no HTTP."""
     import numpy as np
 
-    from allinone.backends.llama_runtime import ContextShape, LlamaRuntime
+    from allinone.backends.llama_cpp.runtime import ContextShape, LlamaRuntime
 
     rt = LlamaRuntime(model, ContextShape(n_ctx=2048, n_seq_max=1, n_batch=512, threads=threads))
     toks = rt.tokenize(

@@ -47,7 +47,7 @@ def test_classification_same_alone_and_while_seven_requests_run(service):
 
 def test_long_text_among_generating_requests_runs_split_and_scores_the_same(service):
     # Prompt tokens plus the generating sequences' tokens reach 64: the engine decodes them in
-    # two calls (see scheduler._MIXED_STEP_SPLIT); the answer must not change.
+    # two calls (see engine_loop._MIXED_STEP_SPLIT); the answer must not change.
     text = "房间很大，床很舒服，早餐种类丰富，服务员态度热情，位置也方便，离地铁站只有五分钟。" * 3
     (alone,) = service.classify("sentiment", [text])
     before = service.backend.stats()

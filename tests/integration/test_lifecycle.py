@@ -13,8 +13,8 @@ import httpx
 import pytest
 from test_engine import assert_no_leaks, chat_prompt, collect
 
-from allinone.backends import scheduler as sched_mod
 from allinone.backends.base import BackendError, GenerationParams
+from allinone.backends.llama_cpp import engine_loop as sched_mod
 from conftest import ServerProcess, free_port
 
 
@@ -65,13 +65,13 @@ def test_a_temperature_too_small_to_divide_by_is_served_greedy(tiny_backend_fact
 
 _CRASHING_SERVER = """
 import sys
-from allinone.backends import scheduler
+from allinone.backends.llama_cpp import engine_loop
 from allinone.cli import main
 
 def crash(self):  # the loop's step raises: a bug in the engine, not in one request
     raise RuntimeError("injected loop crash")
 
-scheduler.Scheduler._step = crash
+engine_loop.EngineLoop._step = crash
 sys.exit(main(["serve", "--port", sys.argv[1]]))
 """
 

@@ -1,6 +1,6 @@
 """The host-memory cache of finished chats: longest match, no duplicates, bounded bytes."""
 
-from allinone.backends.prompt_cache import PromptCache
+from allinone.backends.llama_cpp.prompt_cache import PromptCache
 
 
 def data(n: int) -> bytearray:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from allinone.backends.base import GenerationParams
-from allinone.backends.scheduler import log_softmax, sample_token
+from allinone.backends.llama_cpp.sampling import log_softmax, sample_token
 
 
 def _logits(n: int = 5000, seed: int = 1) -> np.ndarray:

@@ -97,7 +97,7 @@ class ServerState:
             if not self.backend.health():
                 if not self.ready.is_set():
                     return  # closed on purpose
-                crash = getattr(getattr(self.backend, "scheduler", None), "crash", None)
+                crash = self.backend.failure()
                 self.engine_dead = True
                 self.fatal(f"the engine stopped: {crash or 'its loop is no longer running'}")
                 return

@@ -213,6 +213,10 @@ class Backend(ABC):
         The first ``n_prefix_messages`` messages (e.g. the system prompt and few-shot turns) form
         the cacheable prefix."""
 
+    def failure(self) -> str | None:
+        """Why the engine stopped serving, once it has (None while it runs)."""
+        return None
+
     @abstractmethod
     def score_choices(self, prompt: Prompt, choices: list[str]) -> RequestHandle:
         """Submit a scoring request; its Finished.result is one log-probability per choice (the

@@ -20,8 +20,8 @@ from allinone.backends.base import (
 )
 from allinone.backends.chat_template import ChatTemplate
 from allinone.backends.kv_layout import KVLayout
-from allinone.backends.llama_runtime import ContextShape, LlamaRuntime
-from allinone.backends.scheduler import Request, Scheduler
+from allinone.backends.llama_cpp.engine_loop import EngineLoop, Request
+from allinone.backends.llama_cpp.runtime import ContextShape, LlamaRuntime
 from allinone.settings import EngineSettings
 
 log = logging.getLogger(__name__)
@@ -39,7 +39,7 @@ class LlamaCppBackend(Backend):
         self.settings = engine
         self._model_id = model_id
         self.rt: LlamaRuntime | None = None
-        self.scheduler: Scheduler | None = None
+        self.loop: EngineLoop | None = None
         self.load_seconds: float | None = None
         self._template: ChatTemplate | None = None
         self._prefix_tokens: OrderedDict[tuple, list[int]] = OrderedDict()
@@ -73,7 +73,7 @@ class LlamaCppBackend(Backend):
         self.rt.warm_up()
         log.info("llama.cpp: %s", self.rt.system_info())
         self._template = ChatTemplate(self.rt.chat_template(), self.rt.bos_token())
-        self.scheduler = Scheduler(
+        self.loop = EngineLoop(
             self.rt,
             parallel=s.parallel,
             ctx_per_seq=s.ctx_per_seq,
@@ -85,7 +85,7 @@ class LlamaCppBackend(Backend):
             reuse_slots=s.reuse_slots,
             prompt_cache_bytes=s.prompt_cache_mb * 1024 * 1024,
         )
-        self.scheduler.start()
+        self.loop.start()
         self.load_seconds = time.perf_counter() - t0
         log.info(
             "loaded %s in %.2f s (n_ctx=%d, parallel=%d, threads=%d)",
@@ -96,18 +96,21 @@ class LlamaCppBackend(Backend):
             s.threads,
         )
 
+    def failure(self) -> str | None:
+        return self.loop.crash if self.loop is not None else None
+
     def health(self) -> bool:
-        return self.scheduler is not None and self.scheduler.alive
+        return self.loop is not None and self.loop.alive
 
     def _runtime(self) -> LlamaRuntime:
-        if self.rt is None or self.scheduler is None or not self.scheduler.alive:
+        if self.rt is None or self.loop is None or not self.loop.alive:
             raise BackendError("the model is not loaded")
         return self.rt
 
-    def _loop(self) -> Scheduler:
-        if self.scheduler is None:
+    def _loop(self) -> EngineLoop:
+        if self.loop is None:
             raise BackendError("the model is not loaded")
-        return self.scheduler
+        return self.loop
 
     def count_tokens(self, text: str) -> int:
         return len(self._runtime().tokenize(text, special=False))
@@ -181,12 +184,12 @@ class LlamaCppBackend(Backend):
         )
 
     def stats(self) -> dict[str, Any]:
-        return self.scheduler.stats() if self.scheduler else {}
+        return self.loop.stats() if self.loop else {}
 
     def close(self) -> None:
-        if self.scheduler is not None:
-            self.scheduler.stop()
-            self.scheduler = None
+        if self.loop is not None:
+            self.loop.stop()
+            self.loop = None
         if self.rt is not None:
             self.rt.close()
             self.rt = None

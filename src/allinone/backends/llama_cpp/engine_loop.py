@@ -49,14 +49,11 @@ from allinone.backends.base import (
     Usage,
 )
 from allinone.backends.kv_layout import KVLayout
-from allinone.backends.llama_runtime import LlamaRuntime
-from allinone.backends.prompt_cache import PromptCache
+from allinone.backends.llama_cpp.prompt_cache import PromptCache
+from allinone.backends.llama_cpp.runtime import LlamaRuntime
+from allinone.backends.llama_cpp.sampling import log_softmax, sample_token
 
 log = logging.getLogger(__name__)
-
-# Sampling with temperature looks at the most likely tokens only; the tail beyond them carries
-# negligible mass and sorting all 150k logits every step would cost milliseconds.
-_TOP_CANDIDATES = 1000
 
 # A step that mixes generating sequences with prompt tokens is run as two decodes (the
 # generating tokens, then the prompt chunks) once it would reach this many tokens. From 64 rows
@@ -118,46 +115,7 @@ class Request:
     submitted_at: float = field(default_factory=time.monotonic)
 
 
-def log_softmax(logits: np.ndarray) -> np.ndarray:
-    """Numerically stable log-softmax in float64."""
-    x = logits.astype(np.float64)
-    x -= x.max()
-    return x - np.log(np.exp(x).sum())
-
-
-def sample_token(logits: np.ndarray, params: GenerationParams, rng: np.random.Generator) -> int:
-    """Greedy at temperature 0; otherwise temperature + top-p over the top candidates.
-
-    Numerically safe for every accepted value: NaN logits are never chosen, a +inf logit is
-    taken outright, and the logits are shifted by their maximum before the division, so a
-    temperature too small to divide by (5e-324) gives -inf for every other token, i.e. greedy,
-    never NaN probabilities.
-    """
-    x = logits.astype(np.float64)
-    if not np.isfinite(x).all():
-        x = np.nan_to_num(x, nan=-np.inf, neginf=-np.inf, posinf=np.inf)
-        if np.isposinf(x).any():
-            return int(np.argmax(x))
-    if params.temperature <= 0.0:
-        return int(np.argmax(x))
-    k = min(_TOP_CANDIDATES, x.shape[0])
-    top = np.argpartition(x, -k)[-k:]
-    vals = x[top]
-    order = np.argsort(-vals)
-    top, vals = top[order], vals[order]
-    with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
-        scaled = (vals - vals[0]) / params.temperature
-        probs = np.exp(scaled)
-    probs[~np.isfinite(probs)] = 0.0
-    probs[0] = 1.0  # the best token: exp(0), also when the division over- or underflowed
-    probs /= probs.sum()
-    if params.top_p < 1.0:
-        keep = int(np.searchsorted(np.cumsum(probs), params.top_p) + 1)
-        top, probs = top[:keep], probs[:keep] / probs[:keep].sum()
-    return int(top[rng.choice(len(top), p=probs)])
-
-
-class Scheduler:
+class EngineLoop:
     """The step loop. ``submit`` is thread-safe; everything else runs on the loop's thread."""
 
     def __init__(
@@ -178,6 +136,7 @@ class Scheduler:
         self.ctx_per_seq = ctx_per_seq
         self.max_choices = max_choices
         self.prefix_cache_tokens = prefix_cache_tokens
+        self.prefix_cache_size = prefix_cache_size
         self.seed = seed
         self.reuse_slots = reuse_slots
         self._ram = PromptCache(prompt_cache_bytes) if reuse_slots and prompt_cache_bytes else None
@@ -239,6 +198,23 @@ class Scheduler:
         if self._thread.is_alive():
             self._thread.join(timeout)
         self.alive = False
+
+    def check_invariants(self) -> None:
+        """Assert the sequence pools' bookkeeping matches llama.cpp's cells (tests call this
+        when the engine is idle). AssertionError names the first broken rule."""
+        assert not self._active and self._queue.empty(), "the engine is not idle"
+        assert sorted(self._free_slots) == list(range(self.parallel)), "a slot was not freed"
+        for slot in range(self.parallel):
+            # a free slot holds only what the loop knows it keeps for the next chat turn
+            held = len(self._slot_tokens[slot])
+            assert self.rt.seq_pos_max(slot) == held - 1, f"slot {slot}: cells != tokens held"
+        for seq in self._free_scratch:
+            assert self.rt.seq_pos_max(seq) == -1, f"scratch sequence {seq} holds cells"
+        assert len(self._free_scratch) == self.parallel * self.max_choices, "scratch leaked"
+        cached = sum(n for _, n in self._prefixes.values())
+        assert self._prefix_tokens_used == cached, "prefix budget != cached prefixes' tokens"
+        n_prefix_seqs = len(self._free_prefix_seqs) + len(self._prefixes)
+        assert n_prefix_seqs == self.prefix_cache_size, "a prefix sequence leaked"
 
     def stats(self) -> dict[str, int]:
         """Queue depth, active sequences and cumulative counters."""

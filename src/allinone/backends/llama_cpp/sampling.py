@@ -1,0 +1,50 @@
+"""Sampling and log-probabilities over one row of logits (pure functions, any thread)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from allinone.backends.base import GenerationParams
+
+# Sampling with temperature looks at the most likely tokens only; the tail beyond them carries
+# negligible mass and sorting all 150k logits every step would cost milliseconds.
+_TOP_CANDIDATES = 1000
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """Numerically stable log-softmax in float64."""
+    x = logits.astype(np.float64)
+    x -= x.max()
+    return x - np.log(np.exp(x).sum())
+
+
+def sample_token(logits: np.ndarray, params: GenerationParams, rng: np.random.Generator) -> int:
+    """Greedy at temperature 0; otherwise temperature + top-p over the top candidates.
+
+    Numerically safe for every accepted value: NaN logits are never chosen, a +inf logit is
+    taken outright, and the logits are shifted by their maximum before the division, so a
+    temperature too small to divide by (5e-324) gives -inf for every other token, i.e. greedy,
+    never NaN probabilities.
+    """
+    x = logits.astype(np.float64)
+    if not np.isfinite(x).all():
+        x = np.nan_to_num(x, nan=-np.inf, neginf=-np.inf, posinf=np.inf)
+        if np.isposinf(x).any():
+            return int(np.argmax(x))
+    if params.temperature <= 0.0:
+        return int(np.argmax(x))
+    k = min(_TOP_CANDIDATES, x.shape[0])
+    top = np.argpartition(x, -k)[-k:]
+    vals = x[top]
+    order = np.argsort(-vals)
+    top, vals = top[order], vals[order]
+    with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+        scaled = (vals - vals[0]) / params.temperature
+        probs = np.exp(scaled)
+    probs[~np.isfinite(probs)] = 0.0
+    probs[0] = 1.0  # the best token: exp(0), also when the division over- or underflowed
+    probs /= probs.sum()
+    if params.top_p < 1.0:
+        keep = int(np.searchsorted(np.cumsum(probs), params.top_p) + 1)
+        top, probs = top[:keep], probs[:keep] / probs[:keep].sum()
+    return int(top[rng.choice(len(top), p=probs)])
