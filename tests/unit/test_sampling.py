@@ -56,3 +56,18 @@ def test_log_softmax_is_stable_and_normalised():
     lp = log_softmax(x)
     assert np.all(np.isfinite(lp[:2])) and lp[0] > lp[1]
     assert np.isclose(np.exp(lp).sum(), 1.0)
+
+
+def test_terminal_request_states_carry_the_finish_reason():
+    from allinone.backends.llama_cpp.engine_loop import RequestState
+
+    assert RequestState.finished("stop") is RequestState.FINISHED_STOPPED
+    assert RequestState.finished("length") is RequestState.FINISHED_LENGTH
+    assert RequestState.finished("cancelled") is RequestState.FINISHED_CANCELLED
+    live = [s for s in RequestState if not s.is_finished]
+    assert live == [
+        RequestState.WAITING,
+        RequestState.PREFILL,
+        RequestState.DECODE,
+        RequestState.SCORE_BRANCHES,
+    ]

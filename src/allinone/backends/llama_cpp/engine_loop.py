@@ -21,8 +21,22 @@ Finished chats whose slot goes to another request are saved to host memory first
 (``PromptCache``, ``prompt_cache_bytes``) and restored when the conversation comes back, as
 llama-server's ``--cache-ram`` does.
 
-A request's life: queued -> prefill -> (generate | branch) -> finished or cancelled; its sequence
-is freed at the step it ends.
+A request's life (``RequestState``), each transition made by one method:
+
+| from | to | method |
+|---|---|---|
+| WAITING | PREFILL | ``_start_request``: a slot, reused or cached cells, the rest to evaluate |
+| WAITING | FINISHED_CANCELLED | ``_start_request``: cancelled while it waited |
+| PREFILL | DECODE | ``_on_prompt_done``: a generation's first token is sampled |
+| PREFILL | SCORE_BRANCHES | ``_on_prompt_done``: labels of several tokens go to scratch branches |
+| PREFILL, SCORE_BRANCHES | FINISHED_STOPPED | ``_on_prompt_done`` / ``_on_branches``: scores |
+| DECODE | FINISHED_STOPPED / _LENGTH | ``_on_token``: end of generation, stop string, caps |
+| any live state | FINISHED_CANCELLED | ``_step``: its handle was cancelled (client gone, timeout) |
+| any live state | FINISHED_ERROR | ``_fail_request``, ``_decode_failed``, ``_fail_all`` |
+
+Every terminal transition goes through ``_end``, which frees the request's sequences. Each step is
+planned (``_plan``: which tokens of which request go into the batch, a ``StepPlan``), executed
+(``_decode``) and applied (``_update``, one request at a time: a request that raises fails alone).
 """
 
 from __future__ import annotations
@@ -72,14 +86,50 @@ _SAVE_MIN_TOKENS = 32
 _RESTORE_MIN_GAIN = 16
 
 
-class State(enum.Enum):
-    """Where a request is in its life."""
+class RequestState(enum.Enum):
+    """Where a request is in its life; the ``FINISHED_*`` states say how it ended (vLLM's
+    ``RequestStatus``). See the transition table in the module docstring."""
 
-    QUEUED = "queued"
-    PREFILL = "prefill"
-    GENERATE = "generate"
-    BRANCH = "branch"
-    DONE = "done"
+    WAITING = "waiting"  # queued, holds no sequence
+    PREFILL = "prefill"  # its prompt's tokens are being evaluated in its slot
+    DECODE = "decode"  # generating: one token a step
+    SCORE_BRANCHES = "score_branches"  # labels of several tokens, on scratch sequences
+    FINISHED_STOPPED = "stop"
+    FINISHED_LENGTH = "length"
+    FINISHED_CANCELLED = "cancelled"
+    FINISHED_ERROR = "error"
+
+    @property
+    def is_finished(self) -> bool:
+        """True for the terminal states."""
+        return self.name.startswith("FINISHED_")
+
+    @classmethod
+    def finished(cls, reason: FinishReason) -> RequestState:
+        """The terminal state for a finish reason."""
+        return {"stop": cls.FINISHED_STOPPED, "length": cls.FINISHED_LENGTH}.get(
+            reason, cls.FINISHED_CANCELLED
+        )
+
+
+@dataclass
+class StepPlan:
+    """What one decode holds, per request: the batch row whose logits it reads (-1: none this
+    step) and how many of its tokens were fed (to take them back if the decode fails)."""
+
+    rows: dict[Request, tuple[int, int]] = field(default_factory=dict)
+
+    def add(self, req: Request, row: int, fed: int) -> None:
+        """Record ``req``'s part of the batch."""
+        self.rows[req] = (row, fed)
+
+    def row(self, req: Request) -> int:
+        """The batch row of ``req``'s logits, or -1."""
+        return self.rows.get(req, (-1, 0))[0]
+
+    def fed(self, req: Request) -> int:
+        """Tokens of ``req`` in this decode."""
+        return self.rows.get(req, (-1, 0))[1]
 
 
 @dataclass(eq=False)
@@ -93,15 +143,13 @@ class Request:
     tokens: list[int]
     choices: list[list[int]] = field(default_factory=list)
     params: GenerationParams = field(default_factory=GenerationParams)
-    state: State = State.QUEUED
+    state: RequestState = RequestState.WAITING
     slot: int = -1
     n_past: int = 0
     n_fed: int = 0
     cached_tokens: int = 0
     ctx_base: int = 0
     pending_prefix: int = -1  # prefix sequence to tag once the prefix is evaluated
-    batch_index: int = -1
-    step_fed: int = 0  # tokens of this request in the current step's batch
     # generation
     last_token: int = -1
     n_generated: int = 0
@@ -312,7 +360,7 @@ class EngineLoop:
             req.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
             seed = req.params.seed if req.params.seed is not None else self.seed
             req.rng = np.random.default_rng(seed)
-        req.state = State.PREFILL
+        req.state = RequestState.PREFILL
         self._active.append(req)
 
     def _pick_slot(self, req: Request) -> tuple[int, int]:
@@ -445,8 +493,12 @@ class EngineLoop:
                 self._end(req, reason="cancelled")
         if not self._active:
             return
-        stepping = sum(r.state in (State.GENERATE, State.BRANCH) for r in self._active)
-        prompt = sum(len(r.tokens) - r.n_fed for r in self._active if r.state is State.PREFILL)
+        stepping = sum(
+            r.state in (RequestState.DECODE, RequestState.SCORE_BRANCHES) for r in self._active
+        )
+        prompt = sum(
+            len(r.tokens) - r.n_fed for r in self._active if r.state is RequestState.PREFILL
+        )
         if stepping and stepping + min(prompt, self.rt.shape.n_batch) >= _MIXED_STEP_SPLIT:
             # See _MIXED_STEP_SPLIT: two decodes cost less than one mixed one of this size.
             self.counters["split_steps"] += 1
@@ -457,31 +509,47 @@ class EngineLoop:
 
     def _decode_step(self, generate: bool = True, prefill: bool = True) -> None:
         """One llama_decode over the generating sequences' next tokens and label branches
-        (``generate``) and the prompt chunks of requests being admitted (``prefill``)."""
+        (``generate``) and the prompt chunks of requests being admitted (``prefill``):
+        plan the batch, execute it, update each request from its rows."""
+        plan = self._plan(generate, prefill)
+        if self.rt.batch_size == 0:
+            return
+        rc = self._decode()
+        self.counters["steps"] += 1
+        if rc != 0:
+            self._decode_failed(rc, plan)
+            return
+        for req in list(self._active):
+            try:
+                self._update(req, plan.row(req))
+            except Exception as exc:  # one request's failure is that request's alone
+                self._fail_request(req, exc)
+
+    def _plan(self, generate: bool, prefill: bool) -> StepPlan:
+        """Fill the batch: generating tokens first, then label branches, then prompt chunks
+        up to ``n_batch`` tokens in all."""
         rt = self.rt
         rt.batch_clear()
+        plan = StepPlan()
         budget = rt.shape.n_batch
         for req in self._active:
-            req.batch_index = -1
-            req.step_fed = 0
-            if generate and req.state is State.GENERATE:
-                req.batch_index = rt.batch_add(req.last_token, req.n_past, req.slot, True)
+            if generate and req.state is RequestState.DECODE:
+                plan.add(req, rt.batch_add(req.last_token, req.n_past, req.slot, True), 1)
                 self._slot_tokens[req.slot].append(req.last_token)
                 req.n_past += 1
-                req.step_fed = 1
                 budget -= 1
         for req in self._active:
-            if generate and req.state is State.BRANCH:
+            if generate and req.state is RequestState.SCORE_BRANCHES:
                 need = sum(len(toks) for _, _, toks in req.branches)
                 if need > budget:  # wait for a step with room; rare (labels are short)
                     continue
-                req.batch_index = rt.batch_size
+                plan.add(req, rt.batch_size, 0)
                 for seq, _, toks in req.branches:
                     for j, tok in enumerate(toks):
                         rt.batch_add(tok, req.n_past + j, seq, True)
                 budget -= need
         for req in self._active:
-            if not prefill or req.state is not State.PREFILL or budget <= 0:
+            if not prefill or req.state is not RequestState.PREFILL or budget <= 0:
                 continue
             end = req.n_fed + budget
             if req.pending_prefix >= 0 and req.n_fed < len(req.prefix_tokens):
@@ -492,59 +560,51 @@ class EngineLoop:
             last = req.n_fed + len(chunk) == len(req.tokens)
             for j, tok in enumerate(chunk):
                 i = rt.batch_add(tok, req.n_past + j, req.slot, last and j == len(chunk) - 1)
-            if last:
-                req.batch_index = i
+            plan.add(req, i if last else -1, len(chunk))
             self._slot_tokens[req.slot].extend(chunk)
             req.n_past += len(chunk)
             req.n_fed += len(chunk)
-            req.step_fed = len(chunk)
             budget -= len(chunk)
             self.counters["prompt_tokens"] += len(chunk)
-        if rt.batch_size == 0:
-            return
-        rc = self._decode()
-        self.counters["steps"] += 1
-        if rc != 0:
-            self._decode_failed(rc)
-            return
-        for req in list(self._active):
-            try:
-                self._update(req)
-            except Exception as exc:  # one request's failure is that request's alone
-                self._fail_request(req, exc)
+        return plan
 
-    def _update(self, req: Request) -> None:
-        """Take one request's results of the decode that just ran."""
+    def _update(self, req: Request, row: int) -> None:
+        """Take one request's results of the decode that just ran (``row``: its logits' batch
+        row, -1 when it has none this step)."""
         if req.pending_prefix >= 0 and req.n_fed >= len(req.prefix_tokens):
             self._register_prefix(req)
-        if req.state is State.GENERATE and req.batch_index >= 0:
-            self._on_token(req, self.rt.logits(req.batch_index))
-        elif req.state is State.BRANCH and req.batch_index >= 0:
-            self._on_branches(req, req.batch_index)
-        elif req.state is State.PREFILL and req.batch_index >= 0:
-            self._on_prompt_done(req, self.rt.logits(req.batch_index))
+        if row < 0:
+            return
+        if req.state is RequestState.DECODE:
+            self._on_token(req, self.rt.logits(row))
+        elif req.state is RequestState.SCORE_BRANCHES:
+            self._on_branches(req, row)
+        elif req.state is RequestState.PREFILL:
+            self._on_prompt_done(req, self.rt.logits(row))
 
     def _fail_request(self, req: Request, exc: Exception) -> None:
         """End one request with an error the client sees; the loop and its neighbours go on."""
         log.exception("request failed in the engine; the others continue")
-        if req.state is State.DONE:
+        if req.state.is_finished:
             return
         self._end(req, error=BackendError(f"the engine could not run this request: {exc}"))
 
-    def _decode_failed(self, rc: int) -> None:
+    def _decode_failed(self, rc: int, plan: StepPlan) -> None:
         # rc 1: no KV slot, and llama.cpp applied nothing. Fail the newest prefilling request to
         # make room and take the step back for the others, who run again next step. Other codes
         # are fatal for every request in the batch, whose cells may be half-written.
         victims = list(self._active)
         if rc == 1:
-            victims = [r for r in self._active if r.state is State.PREFILL][-1:] or victims
+            prefilling = [r for r in self._active if r.state is RequestState.PREFILL]
+            victims = prefilling[-1:] or victims
             for req in self._active:
-                if req in victims or not req.step_fed:
+                fed = plan.fed(req)
+                if req in victims or not fed:
                     continue
-                req.n_past -= req.step_fed
-                if req.state is State.PREFILL:
-                    req.n_fed -= req.step_fed
-                del self._slot_tokens[req.slot][-req.step_fed :]
+                req.n_past -= fed
+                if req.state is RequestState.PREFILL:
+                    req.n_fed -= fed
+                del self._slot_tokens[req.slot][-fed:]
         for req in victims:
             self._end(
                 req, error=BackendError(f"llama_decode failed (code {rc}); retry the request")
@@ -552,7 +612,7 @@ class EngineLoop:
 
     def _on_prompt_done(self, req: Request, logits: np.ndarray) -> None:
         if req.kind == "generate":
-            req.state = State.GENERATE
+            req.state = RequestState.DECODE
             self._on_token(req, logits)
             return
         lp = log_softmax(logits)
@@ -566,7 +626,7 @@ class EngineLoop:
             self.rt.seq_cp(req.slot, seq)
             # Feed all but the last token; each position predicts the next token of the label.
             req.branches.append((seq, ci, c[:-1]))
-        req.state = State.BRANCH
+        req.state = RequestState.SCORE_BRANCHES
 
     def _on_branches(self, req: Request, start: int) -> None:
         idx = start
@@ -635,7 +695,9 @@ class EngineLoop:
             req.slot = -1
         if req in self._active:
             self._active.remove(req)
-        req.state = State.DONE
+        req.state = (
+            RequestState.FINISHED_ERROR if error is not None else RequestState.finished(reason)
+        )
         if error is not None:
             self.counters["failed"] += 1
             req.handle.fail(error)
