@@ -165,7 +165,7 @@ class LlamaCppBackend(Backend):
         self._runtime()
         req = self._request("generate", prompt, 1)
         # Cap the reply to the room left rather than failing a long conversation outright.
-        room = self.settings.ctx_per_seq - len(req.prefix_tokens) - len(req.tokens)
+        room = self.settings.ctx_per_seq - len(req.prompt)
         params.max_tokens = min(params.max_tokens, room)
         req.params = params
         return self._loop().submit(req)
@@ -180,7 +180,7 @@ class LlamaCppBackend(Backend):
             handle=RequestHandle(),
             prefix_key=prompt.prefix,
             prefix_tokens=prefix,
-            tokens=body,
+            body_tokens=body,
         )
 
     def stats(self) -> dict[str, Any]:

@@ -140,13 +140,17 @@ class Request:
     handle: RequestHandle
     prefix_key: tuple
     prefix_tokens: list[int]
-    tokens: list[int]
+    body_tokens: list[int]
     choices: list[list[int]] = field(default_factory=list)
     params: GenerationParams = field(default_factory=GenerationParams)
     state: RequestState = RequestState.WAITING
     slot: int = -1
+    # The prompt (prefix + body) never changes; ``num_computed`` of its tokens have KV cells in
+    # the request's slot (reused, copied from a cached prefix, or evaluated), and prefill feeds
+    # the rest. ``n_past`` is the position of the next token fed (prompt, then generated).
+    prompt: tuple[int, ...] = ()
+    num_computed: int = 0
     n_past: int = 0
-    n_fed: int = 0
     cached_tokens: int = 0
     ctx_base: int = 0
     pending_prefix: int = -1  # prefix sequence to tag once the prefix is evaluated
@@ -161,6 +165,9 @@ class Request:
     choice_lp: list[float] = field(default_factory=list)
     branches: list[tuple[int, int, list[int]]] = field(default_factory=list)
     submitted_at: float = field(default_factory=time.monotonic)
+
+    def __post_init__(self) -> None:
+        self.prompt = tuple(self.prefix_tokens) + tuple(self.body_tokens)
 
 
 class EngineLoop:
@@ -339,8 +346,7 @@ class EngineLoop:
         if common > n_prefix and self.rt.seq_truncate(req.slot, common):
             # The slot still holds the start of this conversation: evaluate only the rest.
             del held[common:]
-            req.tokens = (req.prefix_tokens + req.tokens)[common:]
-            req.n_past = req.cached_tokens = common
+            req.num_computed = req.n_past = req.cached_tokens = common
             req.ctx_base = n_prefix
             self.counters["reused_tokens"] += common
         else:
@@ -350,10 +356,9 @@ class EngineLoop:
             if prefix_seq >= 0:
                 self.rt.seq_cp(prefix_seq, req.slot)
                 held.extend(req.prefix_tokens)
-                req.n_past = req.cached_tokens = req.ctx_base = n_cached
+                req.num_computed = req.n_past = req.cached_tokens = req.ctx_base = n_cached
             else:  # a miss: evaluate the prefix as part of the request
-                req.tokens = req.prefix_tokens + req.tokens
-                req.n_past = 0
+                req.num_computed = req.n_past = 0
                 if req.pending_prefix >= 0:
                     req.ctx_base = len(req.prefix_tokens)
         if req.kind == "generate":
@@ -368,7 +373,7 @@ class EngineLoop:
         tokens, else the least recently used; returns (slot, tokens it can keep)."""
         best, best_n = 0, 0
         if self._reuses(req):
-            full = req.prefix_tokens + req.tokens
+            full = req.prompt
             limit = len(full) - 1  # the last token is always fed again: it gives the logits
             for i, slot in enumerate(self._free_slots):
                 held = self._slot_tokens[slot]
@@ -394,7 +399,7 @@ class EngineLoop:
         the ``common`` tokens the picked slot keeps; returns the tokens the slot now shares."""
         ram = self._ram
         assert ram is not None  # only called with the prompt cache on
-        full = req.prefix_tokens + req.tokens
+        full = list(req.prompt)
         key, n = ram.match(full, len(full) - 1)
         if key < 0 or n < common + _RESTORE_MIN_GAIN:
             return common
@@ -497,7 +502,7 @@ class EngineLoop:
             r.state in (RequestState.DECODE, RequestState.SCORE_BRANCHES) for r in self._active
         )
         prompt = sum(
-            len(r.tokens) - r.n_fed for r in self._active if r.state is RequestState.PREFILL
+            len(r.prompt) - r.num_computed for r in self._active if r.state is RequestState.PREFILL
         )
         if stepping and stepping + min(prompt, self.rt.shape.n_batch) >= _MIXED_STEP_SPLIT:
             # See _MIXED_STEP_SPLIT: two decodes cost less than one mixed one of this size.
@@ -551,19 +556,19 @@ class EngineLoop:
         for req in self._active:
             if not prefill or req.state is not RequestState.PREFILL or budget <= 0:
                 continue
-            end = req.n_fed + budget
-            if req.pending_prefix >= 0 and req.n_fed < len(req.prefix_tokens):
+            end = req.num_computed + budget
+            if req.pending_prefix >= 0 and req.num_computed < len(req.prefix_tokens):
                 # The prefix ends a chunk, so that its cells and every later request's body
                 # are evaluated as they are on a cache hit (same results, bit for bit).
                 end = min(end, len(req.prefix_tokens))
-            chunk = req.tokens[req.n_fed : end]
-            last = req.n_fed + len(chunk) == len(req.tokens)
+            chunk = req.prompt[req.num_computed : end]
+            last = req.num_computed + len(chunk) == len(req.prompt)
             for j, tok in enumerate(chunk):
                 i = rt.batch_add(tok, req.n_past + j, req.slot, last and j == len(chunk) - 1)
             plan.add(req, i if last else -1, len(chunk))
             self._slot_tokens[req.slot].extend(chunk)
             req.n_past += len(chunk)
-            req.n_fed += len(chunk)
+            req.num_computed += len(chunk)
             budget -= len(chunk)
             self.counters["prompt_tokens"] += len(chunk)
         return plan
@@ -571,7 +576,7 @@ class EngineLoop:
     def _update(self, req: Request, row: int) -> None:
         """Take one request's results of the decode that just ran (``row``: its logits' batch
         row, -1 when it has none this step)."""
-        if req.pending_prefix >= 0 and req.n_fed >= len(req.prefix_tokens):
+        if req.pending_prefix >= 0 and req.num_computed >= len(req.prefix_tokens):
             self._register_prefix(req)
         if row < 0:
             return
@@ -603,7 +608,7 @@ class EngineLoop:
                     continue
                 req.n_past -= fed
                 if req.state is RequestState.PREFILL:
-                    req.n_fed -= fed
+                    req.num_computed -= fed
                 del self._slot_tokens[req.slot][-fed:]
         for req in victims:
             self._end(
@@ -711,8 +716,7 @@ class EngineLoop:
                 req.n_emitted = len(req.text)
         self.counters["cancelled" if reason == "cancelled" else "finished"] += 1
         usage = Usage(
-            # req.tokens already includes the prefix when it was not served from the cache
-            prompt_tokens=req.cached_tokens + len(req.tokens),
+            prompt_tokens=len(req.prompt),
             completion_tokens=req.n_generated,
             cached_tokens=req.cached_tokens,
         )
