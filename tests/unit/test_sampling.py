@@ -59,7 +59,7 @@ def test_log_softmax_is_stable_and_normalised():
 
 
 def test_terminal_request_states_carry_the_finish_reason():
-    from allinone.backends.llama_cpp.engine_loop import RequestState
+    from allinone.backends.llama_cpp.request import RequestState
 
     assert RequestState.finished("stop") is RequestState.FINISHED_STOPPED
     assert RequestState.finished("length") is RequestState.FINISHED_LENGTH

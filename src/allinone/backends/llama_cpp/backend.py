@@ -20,7 +20,8 @@ from allinone.backends.base import (
 )
 from allinone.backends.chat_template import ChatTemplate
 from allinone.backends.kv_layout import KVLayout
-from allinone.backends.llama_cpp.engine_loop import EngineLoop, Request
+from allinone.backends.llama_cpp.engine_loop import EngineLoop
+from allinone.backends.llama_cpp.request import Request
 from allinone.backends.llama_cpp.runtime import ContextShape, LlamaRuntime
 from allinone.settings import EngineSettings
 

@@ -42,13 +42,9 @@ planned (``_plan``: which tokens of which request go into the batch, a ``StepPla
 from __future__ import annotations
 
 import codecs
-import enum
 import logging
 import queue
 import threading
-import time
-from collections import OrderedDict
-from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -58,14 +54,15 @@ from allinone.backends.base import (
     EngineOverloadedError,
     Finished,
     FinishReason,
-    GenerationParams,
     RequestHandle,
     Usage,
 )
 from allinone.backends.kv_layout import KVLayout
 from allinone.backends.llama_cpp.prompt_cache import PromptCache
+from allinone.backends.llama_cpp.request import Request, RequestState, StepPlan
 from allinone.backends.llama_cpp.runtime import LlamaRuntime
 from allinone.backends.llama_cpp.sampling import log_softmax, sample_token
+from allinone.backends.llama_cpp.sequences import SequencePools
 
 log = logging.getLogger(__name__)
 
@@ -76,98 +73,6 @@ log = logging.getLogger(__name__)
 # 900 tokens each, a 56-token prompt plus their 7 tokens took 398 ms in one decode, a 57-token
 # prompt 970 ms in one and 446 ms in two.
 _MIXED_STEP_SPLIT = 64
-
-# A slot's chat cells go to host memory when at least this many tokens would be lost (saving
-# costs a copy of every cell of the sequence; a short tail is cheaper to evaluate again).
-_SAVE_MIN_TOKENS = 32
-# A saved conversation is restored when it keeps at least this many more tokens than the best
-# slot does (restoring copies all its cells back: ~0.5 ms for a chat of a few hundred tokens
-# here, against ~4.5 ms for each token evaluated).
-_RESTORE_MIN_GAIN = 16
-
-
-class RequestState(enum.Enum):
-    """Where a request is in its life; the ``FINISHED_*`` states say how it ended (vLLM's
-    ``RequestStatus``). See the transition table in the module docstring."""
-
-    WAITING = "waiting"  # queued, holds no sequence
-    PREFILL = "prefill"  # its prompt's tokens are being evaluated in its slot
-    DECODE = "decode"  # generating: one token a step
-    SCORE_BRANCHES = "score_branches"  # labels of several tokens, on scratch sequences
-    FINISHED_STOPPED = "stop"
-    FINISHED_LENGTH = "length"
-    FINISHED_CANCELLED = "cancelled"
-    FINISHED_ERROR = "error"
-
-    @property
-    def is_finished(self) -> bool:
-        """True for the terminal states."""
-        return self.name.startswith("FINISHED_")
-
-    @classmethod
-    def finished(cls, reason: FinishReason) -> RequestState:
-        """The terminal state for a finish reason."""
-        return {"stop": cls.FINISHED_STOPPED, "length": cls.FINISHED_LENGTH}.get(
-            reason, cls.FINISHED_CANCELLED
-        )
-
-
-@dataclass
-class StepPlan:
-    """What one decode holds, per request: the batch row whose logits it reads (-1: none this
-    step) and how many of its tokens were fed (to take them back if the decode fails)."""
-
-    rows: dict[Request, tuple[int, int]] = field(default_factory=dict)
-
-    def add(self, req: Request, row: int, fed: int) -> None:
-        """Record ``req``'s part of the batch."""
-        self.rows[req] = (row, fed)
-
-    def row(self, req: Request) -> int:
-        """The batch row of ``req``'s logits, or -1."""
-        return self.rows.get(req, (-1, 0))[0]
-
-    def fed(self, req: Request) -> int:
-        """Tokens of ``req`` in this decode."""
-        return self.rows.get(req, (-1, 0))[1]
-
-
-@dataclass(eq=False)
-class Request:
-    """One unit of work for the loop (internal to the engine)."""
-
-    kind: str  # "score" | "generate"
-    handle: RequestHandle
-    prefix_key: tuple
-    prefix_tokens: list[int]
-    body_tokens: list[int]
-    choices: list[list[int]] = field(default_factory=list)
-    params: GenerationParams = field(default_factory=GenerationParams)
-    state: RequestState = RequestState.WAITING
-    slot: int = -1
-    # The prompt (prefix + body) never changes; ``num_computed`` of its tokens have KV cells in
-    # the request's slot (reused, copied from a cached prefix, or evaluated), and prefill feeds
-    # the rest. ``n_past`` is the position of the next token fed (prompt, then generated).
-    prompt: tuple[int, ...] = ()
-    num_computed: int = 0
-    n_past: int = 0
-    cached_tokens: int = 0
-    ctx_base: int = 0
-    pending_prefix: int = -1  # prefix sequence to tag once the prefix is evaluated
-    # generation
-    last_token: int = -1
-    n_generated: int = 0
-    text: str = ""
-    n_emitted: int = 0
-    decoder: codecs.IncrementalDecoder | None = None
-    rng: np.random.Generator | None = None
-    # scoring
-    choice_lp: list[float] = field(default_factory=list)
-    branches: list[tuple[int, int, list[int]]] = field(default_factory=list)
-    submitted_at: float = field(default_factory=time.monotonic)
-
-    def __post_init__(self) -> None:
-        self.prompt = tuple(self.prefix_tokens) + tuple(self.body_tokens)
 
 
 class EngineLoop:
@@ -189,29 +94,9 @@ class EngineLoop:
         self.rt = rt
         self.parallel = parallel
         self.ctx_per_seq = ctx_per_seq
-        self.max_choices = max_choices
-        self.prefix_cache_tokens = prefix_cache_tokens
-        self.prefix_cache_size = prefix_cache_size
         self.seed = seed
         self.reuse_slots = reuse_slots
-        self._ram = PromptCache(prompt_cache_bytes) if reuse_slots and prompt_cache_bytes else None
         self._queue: queue.Queue[Request] = queue.Queue(maxsize=max_queue)
-        self._free_slots = list(range(parallel))  # least recently freed first
-        # the tokens each slot's cells hold, position by position
-        self._slot_tokens: dict[int, list[int]] = {s: [] for s in range(parallel)}
-        layout = KVLayout(
-            parallel, ctx_per_seq, prefix_cache_size, prefix_cache_tokens, max_choices
-        )
-        self._free_prefix_seqs = list(layout.prefix_seqs)
-        self._free_scratch = list(layout.scratch_seqs)
-        # prefix key -> (sequence id, token count); least recently used first
-        self._prefixes: OrderedDict[tuple, tuple[int, int]] = OrderedDict()
-        self._prefix_tokens_used = 0
-        self._active: list[Request] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="allinone-engine", daemon=True)
-        self.alive = False
-        self.crash: str | None = None  # why the loop died, if it did
         self.counters = {
             "steps": 0,
             "split_steps": 0,
@@ -226,6 +111,16 @@ class EngineLoop:
             "cancelled": 0,
             "failed": 0,
         }
+        layout = KVLayout(
+            parallel, ctx_per_seq, prefix_cache_size, prefix_cache_tokens, max_choices
+        )
+        ram = PromptCache(prompt_cache_bytes) if reuse_slots and prompt_cache_bytes else None
+        self.seqs = SequencePools(rt, layout, ram, self.counters)
+        self._active: list[Request] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="allinone-engine", daemon=True)
+        self.alive = False
+        self.crash: str | None = None  # why the loop died, if it did
 
     # -- caller side -------------------------------------------------------------------------
     def start(self) -> None:
@@ -255,30 +150,19 @@ class EngineLoop:
         self.alive = False
 
     def check_invariants(self) -> None:
-        """Assert the sequence pools' bookkeeping matches llama.cpp's cells (tests call this
-        when the engine is idle). AssertionError names the first broken rule."""
+        """Assert the engine is idle and its sequence pools match llama.cpp's cells (tests call
+        this between requests). AssertionError names the first broken rule."""
         assert not self._active and self._queue.empty(), "the engine is not idle"
-        assert sorted(self._free_slots) == list(range(self.parallel)), "a slot was not freed"
-        for slot in range(self.parallel):
-            # a free slot holds only what the loop knows it keeps for the next chat turn
-            held = len(self._slot_tokens[slot])
-            assert self.rt.seq_pos_max(slot) == held - 1, f"slot {slot}: cells != tokens held"
-        for seq in self._free_scratch:
-            assert self.rt.seq_pos_max(seq) == -1, f"scratch sequence {seq} holds cells"
-        assert len(self._free_scratch) == self.parallel * self.max_choices, "scratch leaked"
-        cached = sum(n for _, n in self._prefixes.values())
-        assert self._prefix_tokens_used == cached, "prefix budget != cached prefixes' tokens"
-        n_prefix_seqs = len(self._free_prefix_seqs) + len(self._prefixes)
-        assert n_prefix_seqs == self.prefix_cache_size, "a prefix sequence leaked"
+        self.seqs.check_invariants()
 
     def stats(self) -> dict[str, int]:
         """Queue depth, active sequences and cumulative counters."""
         return {
             "queue_depth": self._queue.qsize(),
             "active": len(self._active),
-            "cached_prefixes": len(self._prefixes),
-            "prompt_cache_entries": len(self._ram) if self._ram is not None else 0,
-            "prompt_cache_bytes": self._ram.bytes if self._ram is not None else 0,
+            "cached_prefixes": len(self.seqs.prefixes),
+            "prompt_cache_entries": len(self.seqs.ram) if self.seqs.ram is not None else 0,
+            "prompt_cache_bytes": self.seqs.ram.bytes if self.seqs.ram is not None else 0,
             **self.counters,
         }
 
@@ -314,7 +198,7 @@ class EngineLoop:
                 break
 
     def _admit(self) -> None:
-        while self._free_slots:
+        while self.seqs.free_slots:
             try:
                 req = self._queue.get_nowait()
             except queue.Empty:
@@ -335,14 +219,14 @@ class EngineLoop:
         if req.kind == "generate" and req.params.seed is not None:
             # Where a sequence's cells sit in the KV buffer changes the attention's rounding, so
             # a seeded request starts from the layout it would find on an idle engine.
-            self._drop_idle_cells()
+            self.seqs.drop_idle_cells()
         n_prefix = len(req.prefix_tokens)
-        req.slot, common = self._pick_slot(req)
-        if self._ram is not None and self._reuses(req):
-            common = self._restore(req, common)
-        held = self._slot_tokens[req.slot]
+        req.slot, common = self.seqs.pick_slot(req, self._reuses(req))
+        if self.seqs.ram is not None and self._reuses(req):
+            common = self.seqs.restore(req, common)
+        held = self.seqs.slot_tokens[req.slot]
         if common > n_prefix:
-            self._save(req.slot, keep=common)
+            self.seqs.save(req.slot, keep=common)
         if common > n_prefix and self.rt.seq_truncate(req.slot, common):
             # The slot still holds the start of this conversation: evaluate only the rest.
             del held[common:]
@@ -350,9 +234,9 @@ class EngineLoop:
             req.ctx_base = n_prefix
             self.counters["reused_tokens"] += common
         else:
-            self._save(req.slot)
-            self._clear_slot(req.slot)
-            prefix_seq, n_cached = self._prefix_for(req)
+            self.seqs.save(req.slot)
+            self.seqs.clear_slot(req.slot)
+            prefix_seq, n_cached = self.seqs.prefix_for(req)
             if prefix_seq >= 0:
                 self.rt.seq_cp(prefix_seq, req.slot)
                 held.extend(req.prefix_tokens)
@@ -368,53 +252,6 @@ class EngineLoop:
         req.state = RequestState.PREFILL
         self._active.append(req)
 
-    def _pick_slot(self, req: Request) -> tuple[int, int]:
-        """Take a free slot: the one whose cells share the longest start with this chat's
-        tokens, else the least recently used; returns (slot, tokens it can keep)."""
-        best, best_n = 0, 0
-        if self._reuses(req):
-            full = req.prompt
-            limit = len(full) - 1  # the last token is always fed again: it gives the logits
-            for i, slot in enumerate(self._free_slots):
-                held = self._slot_tokens[slot]
-                n, top = 0, min(len(held), limit)
-                while n < top and held[n] == full[n]:
-                    n += 1
-                if n > best_n:
-                    best, best_n = i, n
-        if best_n == 0:  # no match: keep other chats' cells, take an empty slot if there is one
-            best = next((i for i, s in enumerate(self._free_slots) if not self._slot_tokens[s]), 0)
-        return self._free_slots.pop(best), best_n
-
-    def _save(self, slot: int, keep: int = 0) -> None:
-        """Copy a free slot's chat cells to host memory before all but ``keep`` of them go."""
-        held = self._slot_tokens[slot]
-        if self._ram is None or len(held) - keep < _SAVE_MIN_TOKENS or self._ram.holds(held):
-            return
-        if self._ram.put(held, self.rt.seq_save(slot)):
-            self.counters["prompt_cache_saves"] += 1
-
-    def _restore(self, req: Request, common: int) -> int:
-        """Put back the saved conversation that shares the most with this chat, when it beats
-        the ``common`` tokens the picked slot keeps; returns the tokens the slot now shares."""
-        ram = self._ram
-        assert ram is not None  # only called with the prompt cache on
-        full = list(req.prompt)
-        key, n = ram.match(full, len(full) - 1)
-        if key < 0 or n < common + _RESTORE_MIN_GAIN:
-            return common
-        # Take the entry before saving what the slot holds: that save may evict it.
-        entry = ram.get(key)
-        self._save(req.slot)  # the slot may hold another conversation
-        held = self._slot_tokens[req.slot]
-        held.clear()
-        if not self.rt.seq_restore(req.slot, entry.data):
-            log.warning("no KV cells to restore a saved chat into; evaluating it again")
-            return 0
-        held.extend(entry.tokens.tolist())
-        self.counters["restored_tokens"] += n
-        return n
-
     def _reuses(self, req: Request) -> bool:
         """Whether a request may start from, and leave behind, cells of earlier turns.
 
@@ -428,68 +265,9 @@ class EngineLoop:
         """Decode the batch; when the KV cache is full (rc 1, nothing applied), free the cells
         that finished chats left in idle slots and try once more."""
         rc = self.rt.decode()
-        if rc == 1 and self._drop_idle_cells():
+        if rc == 1 and self.seqs.drop_idle_cells():
             rc = self.rt.decode()
         return rc
-
-    def _drop_idle_cells(self) -> bool:
-        """Free the cells that finished requests left in free slots; True if any were held."""
-        dropped = False
-        for slot in self._free_slots:
-            if self._slot_tokens[slot]:
-                self._save(slot)
-                self._clear_slot(slot)
-                dropped = True
-        return dropped
-
-    def _clear_slot(self, slot: int) -> None:
-        """Remove a slot's cells and forget the tokens it held."""
-        self.rt.seq_rm(slot)
-        self._slot_tokens[slot].clear()
-
-    def _prefix_for(self, req: Request) -> tuple[int, int]:
-        """The sequence holding this request's prefix: (sequence, tokens) on a hit, else
-        (-1, 0). On a miss with room in the cache, a prefix sequence is reserved
-        (``req.pending_prefix``): the request evaluates its prefix in its own slot, in a step
-        shared with everyone else, and the prefix's cells are then tagged with that sequence
-        (``_register_prefix``)."""
-        n = len(req.prefix_tokens)
-        if n == 0:
-            return -1, 0
-        hit = self._prefixes.get(req.prefix_key)
-        if hit is not None:
-            self._prefixes.move_to_end(req.prefix_key)
-            self.counters["prefix_hits"] += 1
-            return hit
-        self.counters["prefix_misses"] += 1
-        if n > self.prefix_cache_tokens:
-            return -1, 0
-        while self._prefixes and (
-            not self._free_prefix_seqs or self._prefix_tokens_used + n > self.prefix_cache_tokens
-        ):
-            _, (old_seq, old_n) = self._prefixes.popitem(last=False)
-            self.rt.seq_rm(old_seq)  # requests that copied it keep their cells
-            self._free_prefix_seqs.append(old_seq)
-            self._prefix_tokens_used -= old_n
-        # Every prefix sequence may be reserved by requests still evaluating theirs.
-        if self._free_prefix_seqs and self._prefix_tokens_used + n <= self.prefix_cache_tokens:
-            req.pending_prefix = self._free_prefix_seqs.pop()
-            self._prefix_tokens_used += n
-        return -1, 0
-
-    def _register_prefix(self, req: Request) -> None:
-        """The request's prefix is evaluated: share its cells with the reserved sequence."""
-        seq, n, req.pending_prefix = req.pending_prefix, len(req.prefix_tokens), -1
-        if req.prefix_key in self._prefixes:  # another request got there first
-            self._release_prefix(seq, n)
-            return
-        self.rt.seq_cp(req.slot, seq, 0, n)
-        self._prefixes[req.prefix_key] = (seq, n)
-
-    def _release_prefix(self, seq: int, n: int) -> None:
-        self.rt.seq_rm(seq)
-        self._free_prefix_seqs.append(seq)
-        self._prefix_tokens_used -= n
 
     def _step(self) -> None:
         # Cancelled requests leave before the step so their sequences are free for others.
@@ -540,7 +318,7 @@ class EngineLoop:
         for req in self._active:
             if generate and req.state is RequestState.DECODE:
                 plan.add(req, rt.batch_add(req.last_token, req.n_past, req.slot, True), 1)
-                self._slot_tokens[req.slot].append(req.last_token)
+                self.seqs.slot_tokens[req.slot].append(req.last_token)
                 req.n_past += 1
                 budget -= 1
         for req in self._active:
@@ -566,7 +344,7 @@ class EngineLoop:
             for j, tok in enumerate(chunk):
                 i = rt.batch_add(tok, req.n_past + j, req.slot, last and j == len(chunk) - 1)
             plan.add(req, i if last else -1, len(chunk))
-            self._slot_tokens[req.slot].extend(chunk)
+            self.seqs.slot_tokens[req.slot].extend(chunk)
             req.n_past += len(chunk)
             req.num_computed += len(chunk)
             budget -= len(chunk)
@@ -577,7 +355,7 @@ class EngineLoop:
         """Take one request's results of the decode that just ran (``row``: its logits' batch
         row, -1 when it has none this step)."""
         if req.pending_prefix >= 0 and req.num_computed >= len(req.prefix_tokens):
-            self._register_prefix(req)
+            self.seqs.register_prefix(req)
         if row < 0:
             return
         if req.state is RequestState.DECODE:
@@ -609,7 +387,7 @@ class EngineLoop:
                 req.n_past -= fed
                 if req.state is RequestState.PREFILL:
                     req.num_computed -= fed
-                del self._slot_tokens[req.slot][-fed:]
+                del self.seqs.slot_tokens[req.slot][-fed:]
         for req in victims:
             self._end(
                 req, error=BackendError(f"llama_decode failed (code {rc}); retry the request")
@@ -627,7 +405,7 @@ class EngineLoop:
             self._end(req, reason="stop", result=req.choice_lp)
             return
         for ci, c in multi:
-            seq = self._free_scratch.pop()
+            seq = self.seqs.free_scratch.pop()
             self.rt.seq_cp(req.slot, seq)
             # Feed all but the last token; each position predicts the next token of the label.
             req.branches.append((seq, ci, c[:-1]))
@@ -687,16 +465,16 @@ class EngineLoop:
     ) -> None:
         for seq, _, _ in req.branches:
             self.rt.seq_rm(seq)
-            self._free_scratch.append(seq)
+            self.seqs.free_scratch.append(seq)
         req.branches = []
         if req.pending_prefix >= 0:
-            self._release_prefix(req.pending_prefix, len(req.prefix_tokens))
+            self.seqs.release_prefix(req.pending_prefix, len(req.prefix_tokens))
             req.pending_prefix = -1
         if req.slot >= 0:
             if error is not None or not self._reuses(req):
                 # Failed requests may have half-written cells.
-                self._clear_slot(req.slot)
-            self._free_slots.append(req.slot)
+                self.seqs.clear_slot(req.slot)
+            self.seqs.free_slots.append(req.slot)
             req.slot = -1
         if req in self._active:
             self._active.remove(req)
