@@ -58,6 +58,15 @@ class Prompt:
     body: tuple[Segment, ...]
 
 
+@dataclass(frozen=True)
+class ScoreBranch:
+    """One question of a branch-scoring request: text that follows the shared body (template
+    markup included, ``special`` as in ``Segment``) and the labels read after it."""
+
+    suffix: tuple[Segment, ...]
+    labels: tuple[str, ...]
+
+
 @dataclass
 class GenerationParams:
     """Per-request sampling and stopping."""
@@ -221,6 +230,49 @@ class Backend(ABC):
     def score_choices(self, prompt: Prompt, choices: list[str]) -> RequestHandle:
         """Submit a scoring request; its Finished.result is one log-probability per choice (the
         sum over the choice's tokens of log p(token | prompt, earlier tokens))."""
+
+    def score_branches(self, prompt: Prompt, branches: list[ScoreBranch]) -> RequestHandle:
+        """Submit one request that evaluates ``prompt`` and then each branch's suffix after it;
+        its Finished.result holds, per branch, one log-probability per label (as in
+        ``score_choices``), and its usage counts the prompt once plus every suffix.
+
+        This default runs one ``score_choices`` request per branch (the prompt is evaluated
+        again for each, unless the engine caches it); the llama.cpp engine evaluates the
+        prompt once and the branches on copies of its KV cells, in shared steps.
+        Raises ValueError for a branch the engine cannot score."""
+        subs: list[RequestHandle] = []
+        try:
+            for b in branches:
+                body = (*prompt.body, *b.suffix)
+                subs.append(self.score_choices(Prompt(prompt.prefix, body), list(b.labels)))
+        except BaseException:
+            for h in subs:
+                h.cancel()
+            raise
+        handle = RequestHandle()
+
+        def join() -> None:
+            try:
+                done = []
+                for h in subs:
+                    if handle.cancelled.is_set():
+                        break
+                    done.append(h.result())
+                if len(done) < len(subs):
+                    for h in subs:
+                        h.cancel()
+                    handle.finish(Finished("cancelled", Usage()))
+                    return
+                usage = Usage(
+                    prompt_tokens=sum(f.usage.prompt_tokens for f in done),
+                    cached_tokens=sum(f.usage.cached_tokens for f in done),
+                )
+                handle.finish(Finished("stop", usage, [f.result for f in done]))
+            except Exception as exc:
+                handle.fail(exc)
+
+        threading.Thread(target=join, name="allinone-branches", daemon=True).start()
+        return handle
 
     @abstractmethod
     def generate(self, prompt: Prompt, params: GenerationParams) -> RequestHandle:

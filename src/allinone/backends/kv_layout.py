@@ -2,9 +2,10 @@
 
 The single source for the engine (context size, sequence pools) and for the planner (memory).
 Sequence ids, in order: ``parallel`` request slots, ``prefix_cache_size`` cached task prefixes,
-then ``parallel x max_choices`` scratch branches for labels of several tokens. Cells: each slot's
-context share, the prefix budget, and ``SCRATCH_CELLS_PER_SLOT`` per slot for label branches
-(labels are a few tokens each).
+then ``parallel x max_choices`` scratch sequences (at most llama.cpp's ``LLAMA_MAX_SEQ`` in all)
+for branches: decision questions evaluated on a copy of the input's cells, and labels of several
+tokens. Cells: each slot's context share (a request's branches count against its slot's share),
+the prefix budget, and ``SCRATCH_CELLS_PER_SLOT`` per slot of slack for label branches.
 """
 
 from __future__ import annotations
@@ -13,6 +14,9 @@ from dataclasses import dataclass
 from typing import Any
 
 SCRATCH_CELLS_PER_SLOT = 256
+# llama.cpp's LLAMA_MAX_SEQ (src/llama-cparams.h of the vendored 0.3.36 sources): a context
+# allows at most this many sequence ids.
+LLAMA_MAX_SEQ = 256
 
 
 @dataclass(frozen=True)
@@ -48,7 +52,15 @@ class KVLayout:
     @property
     def n_seq_max(self) -> int:
         """Sequence ids the context must allow."""
-        return self.parallel + self.prefix_cache_size + self.parallel * self.max_choices
+        return self.parallel + self.prefix_cache_size + self.n_scratch
+
+    @property
+    def n_scratch(self) -> int:
+        """Scratch sequence ids, shared by every request's branches."""
+        return min(
+            self.parallel * self.max_choices,
+            LLAMA_MAX_SEQ - self.parallel - self.prefix_cache_size,
+        )
 
     @property
     def slots(self) -> range:
@@ -64,4 +76,4 @@ class KVLayout:
     def scratch_seqs(self) -> range:
         """Label branches' sequence ids."""
         start = self.parallel + self.prefix_cache_size
-        return range(start, start + self.parallel * self.max_choices)
+        return range(start, start + self.n_scratch)

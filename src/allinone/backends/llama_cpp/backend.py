@@ -16,12 +16,13 @@ from allinone.backends.base import (
     Prompt,
     PromptTooLongError,
     RequestHandle,
+    ScoreBranch,
     Segment,
 )
 from allinone.backends.chat_template import ChatTemplate
 from allinone.backends.kv_layout import KVLayout
 from allinone.backends.llama_cpp.engine_loop import EngineLoop
-from allinone.backends.llama_cpp.request import Request
+from allinone.backends.llama_cpp.request import Branch, Request
 from allinone.backends.llama_cpp.runtime import ContextShape, LlamaRuntime
 from allinone.settings import EngineSettings
 
@@ -152,15 +153,43 @@ class LlamaCppBackend(Backend):
             )
 
     def score_choices(self, prompt: Prompt, choices: list[str]) -> RequestHandle:
-        rt = self._runtime()
         if not 2 <= len(choices) <= self.settings.max_choices:
             raise ValueError(f"between 2 and {self.settings.max_choices} choices are needed")
-        choice_tokens = [rt.tokenize(c, special=False) for c in choices]
-        if any(not c for c in choice_tokens):
-            raise ValueError("a choice is empty after tokenization")
-        req = self._request("score", prompt, max(len(c) for c in choice_tokens))
-        req.choices = choice_tokens
+        # A classification is a branch request with one branch and no suffix.
+        branch = self._branch(ScoreBranch((), tuple(choices)), "a choice")
+        req = self._request("score", prompt, branch.cells_needed + 1)
+        req.branches = [branch]
         return self._loop().submit(req)
+
+    def score_branches(self, prompt: Prompt, branches: list[ScoreBranch]) -> RequestHandle:
+        if not branches:
+            raise ValueError("a branch request needs at least one branch")
+        specs = [self._branch(b, f"branch {k}: a label") for k, b in enumerate(branches)]
+        worst = max(specs, key=lambda b: b.cells_needed)
+        req = self._request("score", prompt, 1)
+        limit, n = self.settings.ctx_per_seq, len(req.prompt)
+        if n + worst.cells_needed + 1 > limit:
+            raise PromptTooLongError(
+                f"the input takes {n} tokens and its longest question {worst.cells_needed} "
+                f"more, but a sequence holds {limit} tokens (ALLINONE_CTX_PER_SEQ); shorten the "
+                "input or that question"
+            )
+        pool = KVLayout.of(self.settings).n_scratch
+        if any(b.seqs_needed > pool for b in specs):
+            raise ValueError(
+                f"a question's labels start in more than {pool} different ways; use labels of "
+                "one token or labels that share their first tokens"
+            )
+        req.branches = specs
+        req.nested_result = True
+        return self._loop().submit(req)
+
+    def _branch(self, branch: ScoreBranch, what: str) -> Branch:
+        rt = self._runtime()
+        labels = [rt.tokenize(label, special=False) for label in branch.labels]
+        if not labels or any(not t for t in labels):
+            raise ValueError(f"{what} is empty after tokenization")
+        return Branch(tuple(self._tokens(branch.suffix)), labels)
 
     def generate(self, prompt: Prompt, params: GenerationParams) -> RequestHandle:
         self._runtime()

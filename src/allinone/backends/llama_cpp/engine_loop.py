@@ -59,7 +59,7 @@ from allinone.backends.base import (
 )
 from allinone.backends.kv_layout import KVLayout
 from allinone.backends.llama_cpp.prompt_cache import PromptCache
-from allinone.backends.llama_cpp.request import Request, RequestState, StepPlan
+from allinone.backends.llama_cpp.request import Branch, Feed, Request, RequestState, StepPlan
 from allinone.backends.llama_cpp.runtime import LlamaRuntime
 from allinone.backends.llama_cpp.sampling import log_softmax, sample_token
 from allinone.backends.llama_cpp.sequences import SequencePools
@@ -322,15 +322,24 @@ class EngineLoop:
                 req.n_past += 1
                 budget -= 1
         for req in self._active:
-            if generate and req.state is RequestState.SCORE_BRANCHES:
-                need = sum(len(toks) for _, _, toks in req.branches)
-                if need > budget:  # wait for a step with room; rare (labels are short)
-                    continue
-                plan.add(req, rt.batch_size, 0)
-                for seq, _, toks in req.branches:
-                    for j, tok in enumerate(toks):
-                        rt.batch_add(tok, req.n_past + j, seq, True)
-                budget -= need
+            if generate and req.state is RequestState.SCORE_BRANCHES and budget > 0:
+                self._start_branches(req)
+                fed = 0
+                for br in req.branches:
+                    for feed in br.feeds if br.started and not br.finished else ():
+                        n = min(len(feed.tokens) - feed.done, budget - fed)
+                        for j in range(feed.done, feed.done + n):
+                            read = j in feed.reads
+                            row = rt.batch_add(feed.tokens[j], feed.pos + j, feed.seq, read)
+                            if read:
+                                feed.rows.append((j, row))
+                        feed.done += n
+                        feed.step_fed = n
+                        fed += n
+                if fed:
+                    plan.add(req, 0, 0)  # its rows are in its feeds
+                    budget -= fed
+                    self.counters["prompt_tokens"] += fed
         for req in self._active:
             if not prefill or req.state is not RequestState.PREFILL or budget <= 0:
                 continue
@@ -361,7 +370,7 @@ class EngineLoop:
         if req.state is RequestState.DECODE:
             self._on_token(req, self.rt.logits(row))
         elif req.state is RequestState.SCORE_BRANCHES:
-            self._on_branches(req, row)
+            self._on_branches(req)
         elif req.state is RequestState.PREFILL:
             self._on_prompt_done(req, self.rt.logits(row))
 
@@ -388,6 +397,13 @@ class EngineLoop:
                 if req.state is RequestState.PREFILL:
                     req.num_computed -= fed
                 del self.seqs.slot_tokens[req.slot][-fed:]
+            for req in self._active:
+                if req in victims:
+                    continue
+                for br in req.branches:  # their branch tokens are fed again next step
+                    for feed in br.feeds:
+                        feed.done -= feed.step_fed
+                        feed.rows, feed.step_fed = [], 0
         for req in victims:
             self._end(
                 req, error=BackendError(f"llama_decode failed (code {rc}); retry the request")
@@ -399,27 +415,74 @@ class EngineLoop:
             self._on_token(req, logits)
             return
         lp = log_softmax(logits)
-        req.choice_lp = [float(lp[c[0]]) for c in req.choices]
-        multi = [(ci, c) for ci, c in enumerate(req.choices) if len(c) > 1]
-        if not multi:
-            self._end(req, reason="stop", result=req.choice_lp)
-            return
-        for ci, c in multi:
-            seq = self.seqs.free_scratch.pop()
-            self.rt.seq_cp(req.slot, seq)
-            # Feed all but the last token; each position predicts the next token of the label.
-            req.branches.append((seq, ci, c[:-1]))
+        for br in req.branches:
+            if not br.suffix:  # read where the body ends; longer labels go on to their heads
+                for i, tok in br.first_reads():
+                    br.lp[i] = float(lp[tok])
+                br.finished = not br.heads()
         req.state = RequestState.SCORE_BRANCHES
+        self._end_if_scored(req)
 
-    def _on_branches(self, req: Request, start: int) -> None:
-        idx = start
-        for _, ci, toks in req.branches:
-            full = req.choices[ci]
-            for j in range(len(toks)):
-                lp = log_softmax(self.rt.logits(idx + j))
-                req.choice_lp[ci] += float(lp[full[j + 1]])
-            idx += len(toks)
-        self._end(req, reason="stop", result=req.choice_lp)
+    def _start_branches(self, req: Request) -> None:
+        """Give the request's waiting branches, in order, scratch sequences holding a copy of
+        its cells, while sequences and its share of KV cells last (``Branch.seqs_needed``,
+        ``cells_needed``; the backend checked that each branch fits alone)."""
+        room = self.ctx_limit(req) - req.n_past - req.branch_cells
+        free = self.seqs.free_scratch
+        for br in req.branches:
+            if br.started or br.finished:
+                continue
+            if br.seqs_needed > len(free) or br.cells_needed > room:
+                return
+            br.started = True
+            br.seqs = [free.pop() for _ in range(br.seqs_needed)]
+            req.branch_cells += br.cells_needed
+            room -= br.cells_needed
+            for seq in br.seqs if not br.suffix else br.seqs[:1]:
+                self.rt.seq_cp(req.slot, seq)
+            if br.suffix:
+                last = {len(br.suffix) - 1: br.first_reads()}
+                br.feeds = [Feed(br.seqs[0], req.n_past, br.suffix, last)]
+            else:
+                br.feeds = br.head_feeds(req.n_past)
+                br.in_heads = True
+
+    def _on_branches(self, req: Request) -> None:
+        """Add the label log-probabilities read in this step; move each branch on."""
+        for br in req.branches:
+            if not br.started or br.finished:
+                continue
+            for feed in br.feeds:
+                for j, row in feed.rows:
+                    lp = log_softmax(self.rt.logits(row))
+                    for i, tok in feed.reads[j]:
+                        br.lp[i] += float(lp[tok])
+                feed.rows = []
+                feed.step_fed = 0
+            if not all(f.complete for f in br.feeds):
+                continue
+            if not br.in_heads and br.heads():
+                # The suffix is evaluated: each label head continues on its own copy of it.
+                for seq in br.seqs[1:]:
+                    self.rt.seq_cp(br.seqs[0], seq)
+                br.feeds = br.head_feeds(req.n_past + len(br.suffix))
+                br.in_heads = True
+                continue
+            self._release_branch(req, br)
+        self._end_if_scored(req)
+
+    def _release_branch(self, req: Request, br: Branch) -> None:
+        for seq in br.seqs:
+            self.rt.seq_rm(seq)
+            self.seqs.free_scratch.append(seq)
+        if br.started:
+            req.branch_cells -= br.cells_needed
+        br.seqs, br.feeds, br.finished = [], [], True
+
+    def _end_if_scored(self, req: Request) -> None:
+        if all(br.finished for br in req.branches):
+            lps = [br.lp for br in req.branches]
+            self._end(req, reason="stop", result=lps if req.nested_result else lps[0])
 
     def _on_token(self, req: Request, logits: np.ndarray) -> None:
         p = req.params
@@ -463,10 +526,9 @@ class EngineLoop:
         result: object = None,
         error: BaseException | None = None,
     ) -> None:
-        for seq, _, _ in req.branches:
-            self.rt.seq_rm(seq)
-            self.seqs.free_scratch.append(seq)
-        req.branches = []
+        for br in req.branches:
+            if not br.finished:
+                self._release_branch(req, br)
         if req.pending_prefix >= 0:
             self.seqs.release_prefix(req.pending_prefix, len(req.prefix_tokens))
             req.pending_prefix = -1
@@ -494,7 +556,7 @@ class EngineLoop:
                 req.n_emitted = len(req.text)
         self.counters["cancelled" if reason == "cancelled" else "finished"] += 1
         usage = Usage(
-            prompt_tokens=len(req.prompt),
+            prompt_tokens=len(req.prompt) + sum(len(br.suffix) for br in req.branches),
             completion_tokens=req.n_generated,
             cached_tokens=req.cached_tokens,
         )

@@ -20,7 +20,7 @@ class RequestState(enum.Enum):
     WAITING = "waiting"  # queued, holds no sequence
     PREFILL = "prefill"  # its prompt's tokens are being evaluated in its slot
     DECODE = "decode"  # generating: one token a step
-    SCORE_BRANCHES = "score_branches"  # labels of several tokens, on scratch sequences
+    SCORE_BRANCHES = "score_branches"  # branch suffixes and multi-token labels, on scratch seqs
     FINISHED_STOPPED = "stop"
     FINISHED_LENGTH = "length"
     FINISHED_CANCELLED = "cancelled"
@@ -60,6 +60,79 @@ class StepPlan:
 
 
 @dataclass(eq=False)
+class Feed:
+    """Tokens fed into one scratch sequence, and the label tokens read at some of them.
+
+    ``reads[j]`` lists (label index, token id): the log-probability of that token at the
+    position after ``tokens[j]`` is added to the label's score."""
+
+    seq: int
+    pos: int  # position of tokens[0]
+    tokens: tuple[int, ...]
+    reads: dict[int, list[tuple[int, int]]]
+    done: int = 0  # tokens fed so far
+    rows: list[tuple[int, int]] = field(default_factory=list)  # (offset, batch row), this step
+    step_fed: int = 0  # tokens fed in this step (taken back if the decode fails)
+
+    @property
+    def complete(self) -> bool:
+        """Every token fed and every read taken."""
+        return self.done == len(self.tokens) and not self.rows
+
+
+@dataclass(eq=False)
+class Branch:
+    """One question of a scoring request: a suffix evaluated after the shared body (on a copy of
+    the body's cells) and a label set whose log-probabilities are read after it.
+
+    Labels of one token are read where the suffix ends (or the body, for an empty suffix);
+    longer ones continue on scratch sequences, one per distinct label head (all tokens but the
+    last), so the labels ``AB`` and ``AC`` of tokens ``A B`` / ``A C`` share one."""
+
+    suffix: tuple[int, ...]
+    labels: list[list[int]]
+    lp: list[float] = field(default_factory=list)
+    seqs: list[int] = field(default_factory=list)  # scratch sequences it holds
+    feeds: list[Feed] = field(default_factory=list)
+    started: bool = False
+    in_heads: bool = False  # the suffix is done; the label heads are being fed
+    finished: bool = False
+
+    def __post_init__(self) -> None:
+        self.lp = [0.0] * len(self.labels)
+
+    def heads(self) -> list[tuple[tuple[int, ...], list[int]]]:
+        """(head tokens, indices of the labels of several tokens that start with it)."""
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i, toks in enumerate(self.labels):
+            if len(toks) > 1:
+                groups.setdefault(tuple(toks[:-1]), []).append(i)
+        return list(groups.items())
+
+    @property
+    def seqs_needed(self) -> int:
+        """Scratch sequences it holds at once: one per head (the suffix shares the first)."""
+        return max(1 if self.suffix else 0, len(self.heads()))
+
+    @property
+    def cells_needed(self) -> int:
+        """KV cells its scratch sequences add to the body's."""
+        return len(self.suffix) + sum(len(h) for h, _ in self.heads())
+
+    def first_reads(self) -> list[tuple[int, int]]:
+        """(label index, first token) for every label."""
+        return [(i, toks[0]) for i, toks in enumerate(self.labels)]
+
+    def head_feeds(self, pos: int) -> list[Feed]:
+        """Feeds for the labels of several tokens, on ``self.seqs`` in order, from ``pos``."""
+        out = []
+        for k, (head, members) in enumerate(self.heads()):
+            reads = {j: [(i, self.labels[i][j + 1]) for i in members] for j in range(len(head))}
+            out.append(Feed(self.seqs[k], pos, head, reads))
+        return out
+
+
+@dataclass(eq=False)
 class Request:
     """One unit of work for the loop (internal to the engine)."""
 
@@ -88,9 +161,10 @@ class Request:
     n_emitted: int = 0
     decoder: codecs.IncrementalDecoder | None = None
     rng: np.random.Generator | None = None
-    # scoring
-    choice_lp: list[float] = field(default_factory=list)
-    branches: list[tuple[int, int, list[int]]] = field(default_factory=list)
+    # scoring: one branch per question (a classification is one branch with no suffix)
+    branches: list[Branch] = field(default_factory=list)
+    branch_cells: int = 0  # KV cells the running branches' scratch sequences hold
+    nested_result: bool = False  # result: one list per branch (else the only branch's list)
     submitted_at: float = field(default_factory=time.monotonic)
 
     def __post_init__(self) -> None:

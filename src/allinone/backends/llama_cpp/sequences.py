@@ -163,9 +163,7 @@ class SequencePools:
             assert self.rt.seq_pos_max(slot) == held - 1, f"slot {slot}: cells != tokens held"
         for seq in self.free_scratch:
             assert self.rt.seq_pos_max(seq) == -1, f"scratch sequence {seq} holds cells"
-        assert len(self.free_scratch) == self.layout.parallel * self.layout.max_choices, (
-            "scratch leaked"
-        )
+        assert len(self.free_scratch) == self.layout.n_scratch, "scratch leaked"
         cached = sum(n for _, n in self.prefixes.values())
         assert self.prefix_tokens_used == cached, "prefix budget != cached prefixes' tokens"
         n_prefix_seqs = len(self.free_prefix_seqs) + len(self.prefixes)
