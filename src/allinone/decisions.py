@@ -211,7 +211,7 @@ def answer_from_logprobs(
 
     An option's log-probability is the log of its labels' summed probability; a calibration
     adds its per-label bias to those before the softmax (``calibration.Calibration.apply``)."""
-    labels, owner = labels_of(q)
+    _, owner = labels_of(q)
     n = max(owner) + 1
     top = max(logprobs)
     mass = [0.0] * n

@@ -1,8 +1,12 @@
 """The exception tree and the one error envelope every failure is answered with.
 
 Every error body is ``{"error": {"message", "type", "param", "code"}}`` (OpenAI's shape), also
-for validation errors and unknown routes. Errors map to statuses by exception type, never by
-message text; unexpected exceptions become a generic 500 and their details go to the log.
+for validation errors and unknown routes, except on TypeSafe's ``/v1/systemone``, which answers
+in TypeSafe's shapes: validation errors 422 with FastAPI's ``{"detail": [...]}``, others
+``{"detail": {"error_type", "message"}}``. Errors a retry cannot fix (4xx but 408/409/429)
+carry ``x-should-retry: false``, which the openai SDK obeys. Errors map to statuses by exception
+type, never by message text; unexpected exceptions become a generic 500 and their details go to
+the log.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import logging
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -116,13 +121,21 @@ def envelope(message: str, type_: str, code: str, param: str | None = None) -> d
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
-def error_response(exc: APIError) -> JSONResponse:
-    """An APIError as a JSON response."""
-    return JSONResponse(
-        envelope(exc.message, exc.type, exc.code, exc.param),
-        status_code=exc.status,
-        headers=exc.headers,
-    )
+def is_systemone(path: str) -> bool:
+    """True for TypeSafe's route, whose errors have TypeSafe's shapes."""
+    return path.rstrip("/") == "/v1/systemone"
+
+
+def error_response(exc: APIError, path: str = "") -> JSONResponse:
+    """An APIError as a JSON response (``path``: the request's, which picks the body shape)."""
+    headers = dict(exc.headers)
+    if 400 <= exc.status < 500 and exc.status not in (408, 409, 429):
+        headers.setdefault("x-should-retry", "false")
+    if is_systemone(path):
+        body: dict[str, Any] = {"detail": {"error_type": exc.type, "message": exc.message}}
+    else:
+        body = envelope(exc.message, exc.type, exc.code, exc.param)
+    return JSONResponse(body, status_code=exc.status, headers=headers)
 
 
 def to_api_error(exc: BaseException, retry_after: int = 1, param: str | None = None) -> APIError:
@@ -191,26 +204,36 @@ def register_exception_handlers(app: FastAPI) -> None:
     """Answer every failure with the envelope: API errors, validation, unknown routes, bugs."""
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         message, param = _validation_message(exc)
-        return error_response(InvalidRequestError(message, param=param))
+        path = request.url.path
+        invalid_json = any(e.get("type") == "json_invalid" for e in exc.errors())
+        if is_systemone(path) and not invalid_json:
+            # TypeSafe's own validation answer: FastAPI's 422 body
+            return JSONResponse(
+                {"detail": jsonable_encoder(exc.errors())},
+                status_code=422,
+                headers={"x-should-retry": "false"},
+            )
+        return error_response(InvalidRequestError(message, param=param), path)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        path = request.url.path
         if exc.status_code == 404:
-            return error_response(NotFoundError("no such route; see /docs for the API"))
+            return error_response(NotFoundError("no such route; see /docs for the API"), path)
         if exc.status_code == 405:
             err = InvalidRequestError("method not allowed on this route", code="method_not_allowed")
             err.status = 405
-            return error_response(err)
+            return error_response(err, path)
         err = InvalidRequestError(str(exc.detail))
         err.status = exc.status_code
-        return error_response(err)
+        return error_response(err, path)
 
     # Known errors are handled here, inside the app; only a bug reaches the generic handler
     # (which Starlette runs in its outermost middleware and then logs with a traceback).
-    async def _known(_: Request, exc: Exception) -> JSONResponse:
-        return error_response(to_api_error(exc))
+    async def _known(request: Request, exc: Exception) -> JSONResponse:
+        return error_response(to_api_error(exc), request.url.path)
 
     async def _overloaded(request: Request, exc: Exception) -> JSONResponse:
         state = request.app.state.server
@@ -218,12 +241,12 @@ def register_exception_handlers(app: FastAPI) -> None:
         err = OverloadedError(str(exc), headers=state.retry_after())
         if state.settings.server.overload_status == 429:
             err.status, err.type, err.code = 429, "rate_limit_error", "rate_limited"
-        return error_response(err)
+        return error_response(err, request.url.path)
 
     app.add_exception_handler(EngineOverloadedError, _overloaded)
     for known in (APIError, TaskError, PromptTooLongError, BackendError):
         app.add_exception_handler(known, _known)
 
     @app.exception_handler(Exception)
-    async def _any(_: Request, exc: Exception) -> JSONResponse:
-        return error_response(to_api_error(exc))
+    async def _any(request: Request, exc: Exception) -> JSONResponse:
+        return error_response(to_api_error(exc), request.url.path)

@@ -135,6 +135,21 @@ class ServerSettings(BaseSettings):
     max_batch_inputs: int = Field(
         256, ge=1, le=10000, description="Most texts in one /v1/classify request"
     )
+    decision_max_questions: int = Field(
+        64, ge=1, le=400, description="Most questions in one decision request"
+    )
+    decision_max_options: int = Field(
+        255, ge=2, le=676, description="Most options of a decision's choice question"
+    )
+    decision_max_levels: int = Field(
+        10, ge=2, le=10, description="Most levels of a decision's score question (labels 0-9)"
+    )
+    decision_max_prompt_tokens: int = Field(
+        16384,
+        ge=64,
+        le=1 << 20,
+        description="Most tokens of a decision request (input + every question; 413 above)",
+    )
     default_max_tokens: int = Field(
         256, ge=1, le=32768, description="Reply cap when a raw-model chat names none"
     )

@@ -10,7 +10,7 @@ from fastapi import Depends, FastAPI, Request
 
 from allinone import __version__
 from allinone.api.middleware import BodyLimitMiddleware, MetricsMiddleware
-from allinone.api.routes import health, openai, tasks
+from allinone.api.routes import decisions, health, openai, tasks
 from allinone.api.state import ServerState
 from allinone.backends.base import Backend
 from allinone.errors import AuthenticationError, envelope, register_exception_handlers
@@ -85,6 +85,7 @@ def create_app(
     app.include_router(health.router)
     app.include_router(openai.router, dependencies=[Depends(require_api_key)])
     app.include_router(tasks.router, dependencies=[Depends(require_api_key)])
+    app.include_router(decisions.router, dependencies=[Depends(require_api_key)])
     app.add_middleware(BodyLimitMiddleware, limit=settings.server.max_body_bytes)
     app.add_middleware(MetricsMiddleware, metrics=state.metrics)
     return app

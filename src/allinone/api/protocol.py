@@ -229,11 +229,21 @@ class ModelCard(BaseModel):
     labels: list[str] | None = None
 
 
+class ModelMetadata(BaseModel):
+    """A model as TypeSafe's ``GET /v1/models`` lists it."""
+
+    name: str
+    description: str
+    release_date: str = Field(description="YYYY-MM-DD")
+
+
 class ModelList(BaseModel):
-    """GET /v1/models."""
+    """GET /v1/models: OpenAI's ``data`` and TypeSafe's ``models`` in one body, which both SDKs
+    parse (each reads its own key)."""
 
     object: Literal["list"] = "list"
     data: list[ModelCard]
+    models: list[ModelMetadata] = Field(default_factory=list)
 
 
 class ClassifyRequest(BaseModel):

@@ -73,6 +73,18 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.decisions = Counter(
+            "allinone_decisions_total",
+            "Decision requests answered, by route (decisions: OpenAI, systemone: TypeSafe)",
+            ["route"],
+            registry=r,
+        )
+        self.decision_questions = Counter(
+            "allinone_decision_questions_total",
+            "Questions answered in decision requests, by question type",
+            ["type"],
+            registry=r,
+        )
         self.load_seconds = Gauge(
             "allinone_model_load_seconds", "Time to load the model", registry=r
         )

@@ -6,8 +6,10 @@ system prompt, history budget and reply caps; a classify task answers with one o
 
 from __future__ import annotations
 
+import datetime
 import json
 import logging
+import time
 from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Request
@@ -22,8 +24,10 @@ from allinone.api.protocol import (
     ChunkStream,
     ModelCard,
     ModelList,
+    ModelMetadata,
     UsageInfo,
 )
+from allinone.api.routes.decisions import MODEL_ALIASES
 from allinone.backends.base import PromptTooLongError
 from allinone.errors import (
     InvalidRequestError,
@@ -49,7 +53,19 @@ async def list_models(request: Request) -> ModelList:
         )
         for t in state.tasks
     ]
-    return ModelList(data=cards)
+    # TypeSafe's list: the names /v1/systemone accepts (the served id and the "jev" aliases,
+    # all answered by the one model); the date is the model file's.
+    path = getattr(service.backend, "model_path", None)
+    when = datetime.date.fromtimestamp(path.stat().st_mtime if path else time.time())
+    meta = [
+        ModelMetadata(
+            name=name,
+            description=f"decisions answered by {service.backend.model_id}",
+            release_date=when.isoformat(),
+        )
+        for name in (service.backend.model_id, *MODEL_ALIASES)
+    ]
+    return ModelList(data=cards, models=meta)
 
 
 def _messages(body: ChatCompletionRequest) -> list[dict[str, str]]:
