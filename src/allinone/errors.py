@@ -172,7 +172,9 @@ def to_api_error(exc: BaseException, retry_after: int = 1, param: str | None = N
 _TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
 
 
-def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+def _validation_message(
+    exc: RequestValidationError, brackets: bool = False
+) -> tuple[str, str | None]:
     errors = exc.errors()
     if not errors:
         return "invalid request", None
@@ -181,23 +183,41 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     first = next((e for e in errors if e.get("type") == "value_error"), errors[0])
     if first.get("type") == "json_invalid":
         return f"the body is not valid JSON: {first.get('msg')}; send a JSON object", None
-    param = _field_path(first)
+    param = _field_path(first, brackets)
     msg = first.get("msg", "invalid value").removeprefix("Value error, ")
     where = f"{param}: " if param else ""
-    others = {_field_path(e) for e in errors} - {param}
+    others = {_field_path(e, brackets) for e in errors} - {param}
     more = f" (and {len(others)} more problem(s))" if others else ""
     return f"{where}{msg}{more}", param
 
 
-def _field_path(error: dict) -> str | None:
-    """The field's dotted path; pydantic also names union members in the location ("str",
-    "list[str]", "function-after[...]"), which a client cannot act on."""
-    loc = [
-        str(p)
-        for p in error.get("loc", ())
-        if p != "body" and not (isinstance(p, str) and ("[" in p or p in _TYPE_TAGS))
-    ]
-    return ".".join(loc) or None
+# Tags pydantic puts in a location after a list index when a discriminated union member fails
+# (``questions.0.predicate.name``): the client's own ``type`` value, not a field.
+_UNION_TAGS = {
+    "predicate", "choice", "score", "message", "function_call", "function_call_output",
+    "custom_tool_call", "custom_tool_call_output", "input_text", "input_image", "input_json",
+    "output_text", "refusal",
+}  # fmt: skip
+
+
+def _field_path(error: dict, brackets: bool = False) -> str | None:
+    """The field's path (``messages.0.content``; with ``brackets``, as OpenAI's decisions
+    errors write it: ``questions[0].levels``). pydantic also names union members in the
+    location ("str", "list[str]", "function-after[...]"), which a client cannot act on."""
+    out: list[str] = []
+    prev: object = None
+    for p in error.get("loc", ()):
+        skip = p == "body" or (isinstance(p, str) and ("[" in p or p in _TYPE_TAGS))
+        if isinstance(p, str) and isinstance(prev, int) and p in _UNION_TAGS:
+            skip = True
+        prev = p
+        if skip:
+            continue
+        if isinstance(p, int) and brackets and out:
+            out[-1] += f"[{p}]"
+        else:
+            out.append(str(p))
+    return ".".join(out) or None
 
 
 def register_exception_handlers(app: FastAPI) -> None:
@@ -205,8 +225,8 @@ def register_exception_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-        message, param = _validation_message(exc)
         path = request.url.path
+        message, param = _validation_message(exc, brackets=path.startswith("/v1/decisions"))
         invalid_json = any(e.get("type") == "json_invalid" for e in exc.errors())
         if is_systemone(path) and not invalid_json:
             # TypeSafe's own validation answer: FastAPI's 422 body

@@ -60,9 +60,7 @@ def test_more_branches_than_scratch_sequences_all_finish(tiny_backend_factory):
     backend = tiny_backend_factory(parallel=1, max_choices=2)
     head = "Input:\nok\n\n"
     prompt, _ = _split(_prompt(backend, head + "Q"), len(head))
-    branches = [
-        ScoreBranch((Segment(f"Q{k}?"),), ("AA", "AB", "BA", "BB")) for k in range(12)
-    ]
+    branches = [ScoreBranch((Segment(f"Q{k}?"),), ("AA", "AB", "BA", "BB")) for k in range(12)]
     handles = [backend.score_branches(prompt, branches) for _ in range(3)]
     results = [h.result(timeout=300).result for h in handles]
     assert all(len(r) == 12 and all(len(x) == 4 for x in r) for r in results)
