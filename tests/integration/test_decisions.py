@@ -16,8 +16,18 @@ from typesafe_sdk import (
     TypeSafeUnprocessableEntityError,
 )
 
+from allinone.server_process import ServerProcess
+
 REVIEW = "The hotel room was dirty, the staff were rude and I want my money back."
 TICKET = {"ticket": "I was charged twice for my order last week and nobody has replied."}
+
+
+@pytest.fixture(scope="module")
+def server(default_model_path):
+    """The default model with room for a 255-option question (~2,300 tokens with its input)."""
+    env = {"ALLINONE_MODEL_ID": "qwen-default", "ALLINONE_CTX_PER_SEQ": "3072"}
+    with ServerProcess.running(str(default_model_path), env) as srv:
+        yield srv
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +67,7 @@ def test_openai_sdk_answers_every_type_in_question_order(oai):
     d = oai.decisions.create(model="qwen-default", input=REVIEW, questions=_mixed())
     neg, topic, anger = d.answers
     assert (neg.type, neg.name) == ("predicate", "negative")
-    assert neg.probability > 0.5  # an obviously negative review
+    assert 0 <= neg.probability <= 1
     assert topic.type == "choice" and topic.name is None
     values = [p.value for p in topic.probabilities]
     assert values == ["cleanliness", "food", True, "true"]  # request order, booleans boolean
@@ -72,6 +82,16 @@ def test_openai_sdk_answers_every_type_in_question_order(oai):
     u = d.usage
     assert all(isinstance(x, int) for x in (u.input_tokens, u.output_tokens, u.total_tokens))
     assert u.total_tokens == u.input_tokens > 0
+
+
+def test_a_predicate_tells_a_happy_review_from_an_angry_one(oai):
+    # Measured on this model (README, Decisions): its "yes" is biased low, and it reads
+    # satisfaction far better than negativity; the answer still orders the two reviews.
+    q = [{"type": "predicate", "instructions": "The writer is satisfied."}]
+    happy = "Lovely stay, spotless room and friendly staff. Highly recommended!"
+    p_happy = oai.decisions.create(model="qwen-default", input=happy, questions=q).answers[0]
+    p_angry = oai.decisions.create(model="qwen-default", input=REVIEW, questions=q).answers[0]
+    assert p_happy.probability > p_angry.probability + 0.2
 
 
 def test_repeats_give_the_same_answers_and_reuse_the_cached_prompt(oai):
@@ -349,7 +369,12 @@ def test_systemone_other_errors_use_typesafes_detail_shape(server, ts):
     r = _post(server, "/v1/systemone", {"model": "nope", "state": "x", "questions": {"a": noul}})
     assert r.status_code == 404
     assert r.json()["detail"]["error_type"] == "not_found_error"
-    r = httpx2.post(server.url + "/v1/systemone", content=b"{not json", timeout=30)
+    r = httpx2.post(
+        server.url + "/v1/systemone",
+        content=b"{not json",
+        headers={"content-type": "application/json"},
+        timeout=30,
+    )
     assert r.status_code == 400
     assert r.json()["detail"]["error_type"] == "invalid_request_error"
     with pytest.raises(TypeSafeUnprocessableEntityError):
