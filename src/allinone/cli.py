@@ -1,5 +1,5 @@
-"""Command-line interface: one command per job: serve, classify, extract, chat, eval, calibrate,
-soak, plan, deploy, tasks, models, doctor. Every setting is also a flag (see settings_flags)."""
+"""Command-line interface: one command per job: serve, classify, decide, extract, chat, eval,
+calibrate, soak, plan, deploy, tasks, models, doctor. Every setting is also a flag (see settings_flags)."""
 
 from __future__ import annotations
 
@@ -103,6 +103,97 @@ def cmd_classify(args: argparse.Namespace) -> int:
     for r in results:
         plain = r.label if r.category is None else f"{r.label} ({r.category})"
         print(json.dumps(r.to_dict(), ensure_ascii=False) if args.json else plain)
+    return 0
+
+
+def _decide_questions(args: argparse.Namespace, tasks) -> tuple[list, list[str]]:
+    """(Questions, their names) from --task, --questions FILE and the per-question flags."""
+    import tomllib
+
+    from allinone.decisions import task_questions
+    from allinone.tasks import TaskError
+    from allinone.tasks.spec import TaskQuestion
+
+    specs: list[TaskQuestion] = []
+    if args.task:
+        task = tasks.get(args.task)
+        if task.kind != "decide":
+            raise TaskError(f"task {args.task!r} is a {task.kind} task, not a decide task")
+        specs += task.questions
+    if args.questions:
+        raw = args.questions.read_text(encoding="utf-8")
+        data = tomllib.loads(raw) if args.questions.suffix == ".toml" else json.loads(raw)
+        items = data.get("questions", []) if isinstance(data, dict) else data
+        specs += [TaskQuestion.model_validate(q) for q in items]
+    for kind, flags in (("predicate", args.predicate), ("choice", args.choice)):
+        for k, flag in enumerate(flags or []):
+            name = f"{kind}{k + 1}"
+            if kind == "predicate":
+                specs.append(TaskQuestion(name=name, type=kind, instructions=flag))
+            else:
+                question, _, options = flag.partition("=")
+                specs.append(
+                    TaskQuestion(
+                        name=name, type=kind, instructions=question, choices=options.split("|")
+                    )
+                )
+    for k, flag in enumerate(args.score or []):
+        question, _, levels = flag.partition("=")
+        specs.append(
+            TaskQuestion(
+                name=f"score{k + 1}", type="score", instructions=question, levels=levels.split("|")
+            )
+        )
+    if not specs:
+        raise TaskError(
+            "no questions: give --task, --questions FILE or --predicate/--choice/--score"
+        )
+
+    class _Spec:  # task_questions reads .questions
+        questions = specs
+
+    return task_questions(_Spec), [q.name for q in specs]
+
+
+def cmd_decide(args: argparse.Namespace) -> int:
+    from allinone.decisions import DecisionService, openai_answer
+
+    text = args.input
+    if text == "-":
+        text = sys.stdin.read()
+    elif text.startswith("@"):
+        text = Path(text[1:]).read_text(encoding="utf-8")
+    settings = _settings(args)
+    service = _service(settings)
+    try:
+        questions, names = _decide_questions(args, service.tasks)
+        result = DecisionService(service).decide(text, questions)
+    finally:
+        service.backend.close()
+    answers = {n: openai_answer(n, a) for n, a in zip(names, result.answers, strict=True)}
+    if args.json:
+        out = {
+            "answers": answers,
+            "usage": {"input_tokens": result.input_tokens, "cached_tokens": result.cached_tokens},
+            "latency_ms": round(result.latency_ms, 2),
+        }
+        print(json.dumps(out, ensure_ascii=False))
+        return 0
+    for name, a in answers.items():
+        if a["type"] == "predicate":
+            print(
+                f"{name}: {'yes' if a['probability'] >= 0.5 else 'no'} "
+                f"(P(true)={a['probability']:.3f})"
+            )
+        elif a["type"] == "choice":
+            p = max(x["probability"] for x in a["probabilities"])
+            print(f"{name}: {a['choice']} (p={p:.3f}, confidence={a['confidence']:.2f})")
+        else:
+            top = max(a["probabilities"], key=lambda x: x["probability"])
+            print(
+                f"{name}: {top['label']} (score={a['score']:.2f} of "
+                f"{len(a['probabilities']) - 1}, confidence={a['confidence']:.2f})"
+            )
     return 0
 
 
@@ -534,6 +625,22 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--task", default="summarize", help="extract task (default summarize)")
     x.add_argument("--json", action="store_true", help="include task name and latency")
     x.set_defaults(func=cmd_extract)
+
+    dc = sub.add_parser(
+        "decide",
+        parents=[common],
+        help="answer several questions about one input at once (predicate, choice, score)",
+    )
+    dc.add_argument("input", help="the input text, '-' for stdin, or @FILE")
+    dc.add_argument("--task", help="a decide task (its named questions)")
+    dc.add_argument(
+        "--questions", type=Path, help="JSON or TOML file of questions (task-file schema)"
+    )
+    dc.add_argument("--predicate", action="append", help="a statement to judge; may repeat")
+    dc.add_argument("--choice", action="append", help="'question=opt1|opt2|...'; may repeat")
+    dc.add_argument("--score", action="append", help="'question=low|...|high'; may repeat")
+    dc.add_argument("--json", action="store_true", help="print one JSON object")
+    dc.set_defaults(func=cmd_decide)
 
     ch = sub.add_parser("chat", parents=[common], help="interactive terminal chat")
     ch.add_argument("--task", default="chat", help="chat task (default chat)")

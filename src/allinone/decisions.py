@@ -90,6 +90,11 @@ class Question:
     options: tuple[Option, ...] = ()
     calibration: str | None = None
     statement: bool = False  # predicate phrased as a statement (OpenAI) rather than a question
+    values: tuple[str | bool, ...] = ()  # choice: the caller's typed values (default: the texts)
+
+    def choice_values(self) -> list[str | bool]:
+        """A choice's values as the caller gave them, in order."""
+        return list(self.values) if self.values else [o.text for o in self.options]
 
 
 def option_codes(n: int) -> list[str]:
@@ -186,6 +191,45 @@ class Answer:
             uniform = sum(abs(i - (n - 1) / 2) for i in range(n)) / n
             return _unit(1 - spread / uniform)
         return _unit((n * max(p) - 1) / (n - 1))
+
+
+def openai_answer(name: str | None, answer: Answer) -> dict:
+    """An answer in the shape of OpenAI's Decisions API (``types/decision.py``), with the
+    ``x_label_mass`` diagnostic beside it."""
+    q, p = answer.question, answer.probabilities
+    out: dict = {"type": q.kind, "name": name}
+    if q.kind == "predicate":
+        out["probability"] = answer.probability_true
+    elif q.kind == "choice":
+        values = q.choice_values()
+        out["choice"] = values[answer.top]
+        out["confidence"] = answer.confidence
+        out["probabilities"] = [
+            {"value": v, "probability": pi} for v, pi in zip(values, p, strict=True)
+        ]
+    else:
+        out["score"] = answer.score
+        out["confidence"] = answer.confidence
+        out["probabilities"] = [
+            {"value": i, "label": o.text, "probability": pi}
+            for i, (o, pi) in enumerate(zip(q.options, p, strict=True))
+        ]
+    out["x_label_mass"] = round(answer.label_mass, 6)
+    return out
+
+
+def task_questions(task) -> list[Question]:
+    """A decide task's questions (``TaskSpec.questions``)."""
+    out = []
+    for tq in task.questions:
+        if tq.type == "predicate":
+            out.append(Question("predicate", tq.instructions, (), tq.calibration, statement=True))
+        else:
+            texts = tq.choices if tq.type == "choice" else tq.levels
+            out.append(
+                Question(tq.type, tq.instructions, tuple(Option(t) for t in texts), tq.calibration)
+            )
+    return out
 
 
 def _unit(x: float) -> float:

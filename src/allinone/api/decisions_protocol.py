@@ -331,3 +331,21 @@ class SystemOneResponse(BaseModel):
     model: str
     answers: dict[str, SONoulAnswer | SOChoiceAnswer | SOScoreAnswer]
     usage: SystemOneUsage
+
+
+# -- allinone's own /v1/decide (decide tasks) ------------------------------------------------------
+class TaskDecisionRequest(_Strict):
+    """``POST /v1/decide``: a decide task's questions about one input."""
+
+    task: Text = Field(min_length=1, description="A decide task's name")
+    input: Text
+
+
+class TaskDecisionResponse(BaseModel):
+    """Answers keyed by question name, each in OpenAI's answer shape."""
+
+    task: str
+    model: str
+    answers: dict[str, PredicateAnswer | ChoiceAnswer | ScoreAnswer]
+    usage: Any
+    latency_ms: float

@@ -71,14 +71,45 @@ class OutputField(BaseModel):
         return self
 
 
+class TaskQuestion(BaseModel):
+    """One question of a decide task (answered with the others in one engine request)."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(min_length=1, max_length=64)
+    type: Literal["predicate", "choice", "score"]
+    instructions: str = Field(min_length=1, description="The question (predicate: a statement)")
+    choices: list[str] = Field(default_factory=list, description="Choice: the options, in order")
+    levels: list[str] = Field(default_factory=list, description="Score: the levels, lowest first")
+    calibration: str | None = Field(
+        None, description="A classify task whose stored calibration applies (same labels)"
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> TaskQuestion:
+        if self.type == "choice" and (
+            len(self.choices) < 2 or len(set(self.choices)) != len(self.choices)
+        ):
+            raise ValueError(f"choice question {self.name!r} needs 2 or more distinct choices")
+        if self.type == "score" and not 2 <= len(self.levels) <= 10:
+            raise ValueError(f"score question {self.name!r} needs 2 to 10 levels")
+        if (self.type != "choice" and self.choices) or (self.type != "score" and self.levels):
+            raise ValueError(
+                f"question {self.name!r}: choices are for choice questions, "
+                "levels for score questions"
+            )
+        return self
+
+
 class TaskSpec(BaseModel):
     """One task: a system prompt plus either labels to choose from or a chat/generation setup."""
 
     model_config = ConfigDict(extra="forbid")
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9_.-]{0,63}$")
-    kind: Literal["classify", "chat", "extract"]
+    kind: Literal["classify", "chat", "extract", "decide"]
     description: str = ""
-    system: str = Field(min_length=1, description="System prompt; the cached task prefix")
+    system: str = Field(
+        "", description="System prompt; the cached task prefix (decide tasks use their own)"
+    )
     labels: list[str] = Field(default_factory=list)
     label_values: dict[str, str] = Field(
         default_factory=dict, description="Dataset value -> label, e.g. {'1': '正面', '0': '负面'}"
@@ -99,9 +130,21 @@ class TaskSpec(BaseModel):
     category_task: str | None = Field(
         None, description="Classify: a classify task that names the category of flagged texts"
     )
+    questions: list[TaskQuestion] = Field(
+        default_factory=list, description="Decide: the questions answered about each input"
+    )
 
     @model_validator(mode="after")
     def _check_kind(self) -> TaskSpec:
+        if self.kind != "decide" and not self.system.strip():
+            raise ValueError(f"a {self.kind} task needs a system prompt (system = ...)")
+        if self.kind == "decide":
+            if not self.questions:
+                raise ValueError("a decide task needs at least one [[questions]] entry")
+            if len({q.name for q in self.questions}) != len(self.questions):
+                raise ValueError("question names must be distinct")
+        elif self.questions:
+            raise ValueError(f"a {self.kind} task has no questions")
         if self.kind == "classify":
             if len(self.labels) < 2:
                 raise ValueError("a classify task needs at least two labels")

@@ -15,8 +15,6 @@ from fastapi import APIRouter, Request
 from fastapi.exceptions import RequestValidationError
 
 from allinone.api.decisions_protocol import (
-    ChoiceAnswer,
-    ChoiceProbability,
     ChoiceQuestion,
     DecisionRequest,
     DecisionResponse,
@@ -29,11 +27,8 @@ from allinone.api.decisions_protocol import (
     InputTokensDetails,
     NoulQuestion,
     OutputTextPart,
-    PredicateAnswer,
     PredicateQuestion,
     RefusalPart,
-    ScoreAnswer,
-    ScoreProbability,
     SOChoiceAnswer,
     SOChoiceQuestion,
     SONoulAnswer,
@@ -42,7 +37,10 @@ from allinone.api.decisions_protocol import (
     SystemOneRequest,
     SystemOneResponse,
     SystemOneUsage,
+    TaskDecisionRequest,
+    TaskDecisionResponse,
 )
+from allinone.api.protocol import ClassifyUsage
 from allinone.backends.base import PromptTooLongError
 from allinone.decisions import (
     DecisionError,
@@ -51,8 +49,10 @@ from allinone.decisions import (
     Option,
     Question,
     compact_json,
+    openai_answer,
+    task_questions,
 )
-from allinone.errors import InvalidRequestError, NotFoundError, PayloadTooLargeError
+from allinone.errors import InvalidRequestError, NotFoundError, PayloadTooLargeError, to_api_error
 from allinone.tasks import TaskError
 
 router = APIRouter(tags=["decisions"])
@@ -162,7 +162,8 @@ def _openai_questions(body: DecisionRequest, limits: Any) -> list[Question]:
                     )
                 seen.add(key)
             options = tuple(Option(compact_json(c.value), c.description) for c in q.choices)
-            questions.append(Question("choice", text, options, q.x_calibration))
+            values = tuple(c.value for c in q.choices)
+            questions.append(Question("choice", text, options, q.x_calibration, values=values))
         else:
             n, most = len(q.levels), limits.decision_max_levels
             if not 2 <= n <= most:
@@ -273,47 +274,45 @@ async def decisions(body: DecisionRequest, request: Request) -> DecisionResponse
     served = _check_model(state, body.model, "decisions")
     questions = _openai_questions(body, state.settings.server)
     result = await _decide(request, "decisions", render_input(body.input), questions)
-    answers: list[PredicateAnswer | ChoiceAnswer | ScoreAnswer] = []
-    for q, a in zip(body.questions, result.answers, strict=True):
-        mass = round(a.label_mass, 6)
-        if isinstance(q, PredicateQuestion):
-            answers.append(
-                PredicateAnswer(name=q.name, probability=a.probability_true, x_label_mass=mass)
-            )
-        elif isinstance(q, ChoiceQuestion):
-            probs = [
-                ChoiceProbability(value=c.value, probability=p)
-                for c, p in zip(q.choices, a.probabilities, strict=True)
-            ]
-            answers.append(
-                ChoiceAnswer(
-                    name=q.name,
-                    choice=q.choices[a.top].value,
-                    confidence=a.confidence,
-                    probabilities=probs,
-                    x_label_mass=mass,
-                )
-            )
-        else:
-            levels = [
-                ScoreProbability(value=i, label=lv.label, probability=p)
-                for i, (lv, p) in enumerate(zip(q.levels, a.probabilities, strict=True))
-            ]
-            answers.append(
-                ScoreAnswer(
-                    name=q.name,
-                    score=a.score,
-                    confidence=a.confidence,
-                    probabilities=levels,
-                    x_label_mass=mass,
-                )
-            )
+    answers = [
+        openai_answer(q.name, a) for q, a in zip(body.questions, result.answers, strict=True)
+    ]
     usage = DecisionUsage(
         input_tokens=result.input_tokens,
         input_tokens_details=InputTokensDetails(cached_tokens=result.cached_tokens),
         total_tokens=result.input_tokens,
     )
-    return DecisionResponse(answers=answers, model=served, usage=usage)
+    return DecisionResponse.model_validate({"answers": answers, "model": served, "usage": usage})
+
+
+@router.post(
+    "/v1/decide",
+    response_model=TaskDecisionResponse,
+    summary="Run a decide task: its named questions about one input, answered together",
+)
+async def decide_task(body: TaskDecisionRequest, request: Request) -> TaskDecisionResponse:
+    state = request.app.state.server
+    request.state.task = body.task
+    service = state.require_service()
+    try:
+        task = service.tasks.get(body.task)
+        if task.kind != "decide":
+            raise TaskError(f"task {body.task!r} is a {task.kind} task, not a decide task")
+        text = task.prepare_input(body.input)
+    except TaskError as exc:
+        raise to_api_error(exc, param=getattr(exc, "param", None) or "task") from exc
+    questions = task_questions(task)
+    result = await _decide(request, "decide", text, questions)
+    return TaskDecisionResponse(
+        task=task.name,
+        model=service.backend.model_id,
+        answers={
+            tq.name: openai_answer(tq.name, a)
+            for tq, a in zip(task.questions, result.answers, strict=True)
+        },
+        usage=ClassifyUsage(prompt_tokens=result.input_tokens, cached_tokens=result.cached_tokens),
+        latency_ms=round(result.latency_ms, 2),
+    )
 
 
 @router.post(

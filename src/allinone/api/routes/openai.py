@@ -103,6 +103,11 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     task = _resolve_task(service, body.model)
     request.state.task = task.name if task else "model"
     messages = _messages(body)
+    if task is not None and task.kind == "decide":
+        raise InvalidRequestError(
+            f"task {task.name!r} is a decide task: send its input to POST /v1/decide",
+            param="model",
+        )
     if task is not None and task.kind in ("classify", "extract"):
         return await _answer_as_chat(state, request, service, task, messages, body)
     try:

@@ -108,6 +108,7 @@ async def list_tasks(request: Request) -> dict:
                 "kind": t.kind,
                 "description": t.description,
                 "labels": t.labels or None,
+                "questions": [q.name for q in t.questions] or None,
                 "max_input_chars": t.input.max_chars,
                 "max_output_chars": t.output.max_chars,
             }
