@@ -1,5 +1,6 @@
 """Command-line interface: one command per job: serve, classify, decide, extract, chat, eval,
-calibrate, soak, plan, deploy, tasks, models, doctor. Every setting is also a flag (see settings_flags)."""
+calibrate, soak, plan, deploy, tasks, models, doctor. Every setting is also a flag (see
+settings_flags)."""
 
 from __future__ import annotations
 
