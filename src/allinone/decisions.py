@@ -97,6 +97,13 @@ class Question:
         return list(self.values) if self.values else [o.text for o in self.options]
 
 
+def predicate(instructions: str, calibration: str | None = None) -> Question:
+    """A predicate from OpenAI-style instructions: a statement ("The customer is angry.") is
+    judged true or false; instructions ending in a question mark are asked as a question."""
+    statement = not instructions.rstrip().endswith(("?", "？"))
+    return Question("predicate", instructions, (), calibration, statement=statement)
+
+
 def option_codes(n: int) -> list[str]:
     """The labels of ``n`` choice options: A..Z, or AA, AB, ... beyond 26 (at most 676)."""
     letters = string.ascii_uppercase
@@ -223,7 +230,7 @@ def task_questions(task) -> list[Question]:
     out = []
     for tq in task.questions:
         if tq.type == "predicate":
-            out.append(Question("predicate", tq.instructions, (), tq.calibration, statement=True))
+            out.append(predicate(tq.instructions, tq.calibration))
         else:
             texts = tq.choices if tq.type == "choice" else tq.levels
             out.append(

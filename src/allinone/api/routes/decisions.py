@@ -50,6 +50,7 @@ from allinone.decisions import (
     Question,
     compact_json,
     openai_answer,
+    predicate,
     task_questions,
 )
 from allinone.errors import InvalidRequestError, NotFoundError, PayloadTooLargeError, to_api_error
@@ -143,7 +144,7 @@ def _openai_questions(body: DecisionRequest, limits: Any) -> list[Question]:
         instr = q.instructions
         text = instr if isinstance(instr, str) else _parts(instr, f"{where}.instructions")
         if isinstance(q, PredicateQuestion):
-            questions.append(Question("predicate", text, (), q.x_calibration, statement=True))
+            questions.append(predicate(text, q.x_calibration))
         elif isinstance(q, ChoiceQuestion):
             n, most = len(q.choices), limits.decision_max_options
             if not 2 <= n <= most:
