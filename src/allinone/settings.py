@@ -89,7 +89,13 @@ class EngineSettings(BaseSettings):
     prefix_cache_tokens: int = Field(
         4096, ge=0, le=65536, description="KV cells reserved for cached prefixes in total"
     )
-    max_choices: int = Field(16, ge=2, le=64, description="Most labels a classify task may have")
+    max_choices: int = Field(
+        16,
+        ge=2,
+        le=64,
+        description="Most labels a classify task may have; also sizes the scratch sequences "
+        "that decision questions and long labels use (parallel x max_choices)",
+    )
     reuse_slots: bool = Field(
         True,
         description="Keep a finished chat's KV cells in its sequence so the next turn of the "
