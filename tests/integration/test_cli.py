@@ -42,6 +42,36 @@ def test_classify_english_task():
     assert r.stdout.strip() == "positive", r.stderr
 
 
+def test_decide_answers_a_task_and_ad_hoc_questions(tmp_path):
+    r = run("decide", "--task", "ticket-triage", "I was charged twice. Fix it today!")
+    assert r.returncode == 0, r.stderr
+    names = [line.split(":")[0] for line in r.stdout.splitlines()]
+    assert names == ["urgency", "department", "abusive"]
+    qfile = tmp_path / "q.toml"
+    qfile.write_text(
+        '[[questions]]\nname = "lang"\ntype = "choice"\ninstructions = "Which language?"\n'
+        'choices = ["中文", "English"]\n',
+        encoding="utf-8",
+    )
+    r = run(
+        "decide",
+        "--json",
+        "--questions",
+        str(qfile),
+        "--predicate",
+        "It is a question.",
+        "-",
+        stdin="这家酒店太差了",
+    )
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert list(out["answers"]) == ["lang", "predicate1"]
+    assert [p["value"] for p in out["answers"]["lang"]["probabilities"]] == ["中文", "English"]
+    assert isinstance(out["usage"]["input_tokens"], int)
+    r = run("decide", "x")
+    assert r.returncode != 0 and "no questions" in r.stderr
+
+
 def test_chat_multi_turn_then_ctrl_d_exits_cleanly():
     r = run("chat", stdin="我的名字叫小明。\n我叫什么名字？\n")
     assert r.returncode == 0, r.stderr

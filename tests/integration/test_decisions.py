@@ -386,3 +386,23 @@ def test_systemone_other_errors_use_typesafes_detail_shape(server, ts):
         ).status_code
         == 200
     )
+
+
+def test_a_decide_task_answers_its_named_questions_in_one_request(server):
+    body = {"task": "ticket-triage", "input": "I was charged twice and nobody replies. Fix it!"}
+    r = _post(server, "/v1/decide", body)
+    assert r.status_code == 200, r.text
+    answers = r.json()["answers"]
+    assert list(answers) == ["urgency", "department", "abusive"]
+    assert answers["department"]["choice"] in ("billing", "shipping", "technical support", "sales")
+    assert answers["urgency"]["type"] == "score" and 0 <= answers["urgency"]["score"] <= 3
+    # a decide task is no chat model, and a classify task is no decide task
+    chat = {"model": "ticket-triage", "messages": [{"role": "user", "content": "hi"}]}
+    assert _post(server, "/v1/chat/completions", chat).status_code == 400
+    assert _post(server, "/v1/decide", {"task": "sentiment", "input": "x"}).status_code == 400
+
+
+def test_metrics_count_decisions_and_questions(server):
+    text = httpx2.get(server.url + "/metrics", timeout=30).text
+    assert 'allinone_decisions_total{route="decisions"}' in text
+    assert 'allinone_decision_questions_total{type="choice"}' in text

@@ -157,6 +157,18 @@ MANY_TEXTS = {
     "task": "sentiment-en",
     "input": [f"review {i}: " + "so so " * 150 for i in range(60)],
 }
+MANY_QUESTIONS = [
+    {"type": "predicate", "instructions": f"Statement {k}: " + "it is so " * 20} for k in range(60)
+]
+LONG_DECISION = {"model": "m", "input": "ok " * 500, "questions": MANY_QUESTIONS}
+LONG_SYSTEMONE = {
+    "model": "m",
+    "state": "ok " * 500,
+    "questions": {
+        f"q{k}": {"type": "noul", "instructions": q["instructions"]}
+        for k, q in enumerate(MANY_QUESTIONS)
+    },
+}
 LONG_EXTRACT = {"task": "summarize", "input": "客户：" + "快递一直没有到，我很着急。" * 10}
 
 
@@ -181,8 +193,10 @@ def lifecycle_server(tiny_model_path):
             "/v1/chat/completions",
             {"model": "sentiment-en", "messages": [{"role": "user", "content": "ok " * 600}]},
         ),
+        ("/v1/decisions", LONG_DECISION),
+        ("/v1/systemone", LONG_SYSTEMONE),
     ],
-    ids=["chat", "classify", "classify-as-chat"],
+    ids=["chat", "classify", "classify-as-chat", "decisions", "systemone"],
 )
 def test_a_client_that_hangs_up_cancels_the_engine_work_on_every_route(
     lifecycle_server, path, body
