@@ -18,7 +18,6 @@ import asyncio
 import itertools
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -30,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from allinone.models import ensure_model
 from allinone.server_process import ServerProcess
 from bench_engine import LlamaServer
-from common import SHARED_DATA, machine, read_tsv, write_result
+from common import SHARED_DATA, llama_server_binary, machine, read_tsv, write_result
 
 USERS = 8
 PARALLEL = 4
@@ -89,8 +88,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     model = ensure_model("default")
-    build = Path(__file__).with_name("build_llama_server.sh")
-    binary = subprocess.run([str(build)], capture_output=True, text=True, check=True).stdout.strip()
+    binary = llama_server_binary()
     rows = read_tsv(SHARED_DATA / "chnsenticorp" / "test.tsv")
     # reviews of 80-200 characters: long enough that evaluating them again shows
     texts = [t for _, t in rows if 80 <= len(t) <= 200]

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -34,7 +33,7 @@ from allinone.decisions import DecisionService, Option, Question, labels_of, pre
 from allinone.models import ensure_model
 from allinone.server_process import ServerProcess
 from bench_engine import LlamaServer
-from common import SHARED_DATA, machine, read_tsv, write_result
+from common import SHARED_DATA, llama_server_binary, machine, read_tsv, write_result
 
 NEGATIVE = "这条评论是负面的吗？"
 QUESTIONS = [
@@ -135,8 +134,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     model = ensure_model("default")
-    build = Path(__file__).with_name("build_llama_server.sh")
-    binary = subprocess.run([str(build)], capture_output=True, text=True, check=True).stdout.strip()
+    binary = llama_server_binary()
     rows = read_tsv(SHARED_DATA / "chnsenticorp" / "test.tsv")
     # ~100 tokens: 90-140 characters of Chinese text
     mid = [t for _, t in rows if 90 <= len(t) <= 140]

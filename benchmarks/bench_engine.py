@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from allinone.models import ensure_model
 from allinone.server_process import ServerProcess, free_port
-from common import SHARED_DATA, machine, read_tsv, write_result
+from common import SHARED_DATA, llama_server_binary, machine, read_tsv, write_result
 
 CHAT_PROMPTS = [
     "Write a long story about a dragon who learns to cook.",
@@ -336,8 +336,7 @@ def main() -> None:
     ap.add_argument("--chat-only", action="store_true", help="skip the classification figures")
     args = ap.parse_args()
     model = ensure_model("default")
-    build = Path(__file__).with_name("build_llama_server.sh")
-    binary = subprocess.run([str(build)], capture_output=True, text=True, check=True).stdout.strip()
+    binary = llama_server_binary()
     task_file = Path(__file__).resolve().parents[1] / "src/allinone/tasks/builtin/sentiment.toml"
     system = tomllib.loads(task_file.read_text(encoding="utf-8"))["system"]
     texts = [t for _, t in read_tsv(SHARED_DATA / "chnsenticorp" / "test.tsv", 90)]

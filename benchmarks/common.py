@@ -66,6 +66,15 @@ def machine() -> dict:
     }
 
 
+def llama_server_binary() -> str:
+    """Path of llama.cpp's llama-server built from the vendored sources (built once, with the
+    flags the wheel was built with: ``build_llama_server.sh``)."""
+    import subprocess
+
+    build = Path(__file__).with_name("build_llama_server.sh")
+    return subprocess.run([str(build)], capture_output=True, text=True, check=True).stdout.strip()
+
+
 def write_result(name: str, data: dict) -> Path:
     """Save a benchmark's figures under bench-results/ (ignored by git)."""
     out = ROOT / "bench-results"
