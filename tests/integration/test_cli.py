@@ -93,10 +93,15 @@ def test_chat_ctrl_c_exits_cleanly():
         stderr=subprocess.PIPE,
         text=True,
     )
-    time.sleep(3)
+    # Wait for the banner (the model is loaded): a loaded machine can take longer than any
+    # fixed sleep, and Ctrl-C during the load is a different case (exit 130).
+    banner = proc.stderr.readline()
+    while banner and "Ctrl-C to quit" not in banner:
+        banner = proc.stderr.readline()
+    time.sleep(0.5)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 0, err
+    assert proc.returncode == 0, banner + err
     assert "Traceback" not in err
 
 

@@ -160,10 +160,11 @@ MANY_TEXTS = {
 MANY_QUESTIONS = [
     {"type": "predicate", "instructions": f"Statement {k}: " + "it is so " * 20} for k in range(60)
 ]
-LONG_DECISION = {"model": "m", "input": "ok " * 500, "questions": MANY_QUESTIONS}
+# the decision prompt's worked examples take ~450 of the test server's 1,024 tokens a sequence
+LONG_DECISION = {"model": "m", "input": "ok " * 300, "questions": MANY_QUESTIONS}
 LONG_SYSTEMONE = {
     "model": "m",
-    "state": "ok " * 500,
+    "state": "ok " * 300,
     "questions": {
         f"q{k}": {"type": "noul", "instructions": q["instructions"]}
         for k, q in enumerate(MANY_QUESTIONS)

@@ -170,9 +170,9 @@ class LlamaCppBackend(Backend):
         limit, n = self.settings.ctx_per_seq, len(req.prompt)
         if n + worst.cells_needed + 1 > limit:
             raise PromptTooLongError(
-                f"the input takes {n} tokens and its longest question {worst.cells_needed} "
-                f"more, but a sequence holds {limit} tokens (ALLINONE_CTX_PER_SEQ); shorten the "
-                "input or that question"
+                f"the prompt (instructions and input) takes {n} tokens and its longest question "
+                f"{worst.cells_needed} more, but a sequence holds {limit} tokens "
+                "(ALLINONE_CTX_PER_SEQ); shorten the input or that question"
             )
         pool = KVLayout.of(self.settings).n_scratch
         if any(b.seqs_needed > pool for b in specs):
