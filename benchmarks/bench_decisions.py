@@ -29,7 +29,14 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from allinone.backends.chat_template import ChatTemplate
-from allinone.decisions import DecisionService, Option, Question, labels_of, predicate
+from allinone.decisions import (
+    DecisionService,
+    Option,
+    Question,
+    choice_texts,
+    labels_of,
+    predicate,
+)
 from allinone.models import ensure_model
 from allinone.server_process import ServerProcess
 from bench_engine import LlamaServer
@@ -69,9 +76,7 @@ def internal(q: dict) -> Question:
     if q["type"] == "predicate":
         return predicate(q["instructions"])
     if q["type"] == "choice":
-        import json
-
-        opts = tuple(Option(json.dumps(c["value"], ensure_ascii=False)) for c in q["choices"])
+        opts = tuple(Option(t) for t in choice_texts([c["value"] for c in q["choices"]]))
         return Question("choice", q["instructions"], opts)
     return Question("score", q["instructions"], tuple(Option(lv["label"]) for lv in q["levels"]))
 

@@ -104,6 +104,15 @@ def predicate(instructions: str, calibration: str | None = None) -> Question:
     return Question("predicate", instructions, (), calibration, statement=statement)
 
 
+def choice_texts(values: Sequence[str | bool]) -> list[str]:
+    """How a choice's typed values are shown to the model: as plain text, unless a boolean is
+    among them, or a string reads like one, when every value is shown as JSON (``true`` against
+    ``"true"``, as vLLM writes them). Plain text saves two quote tokens an option."""
+    if any(isinstance(v, bool) or v.strip().lower() in ("true", "false") for v in values):
+        return [compact_json(v) for v in values]
+    return [str(v) for v in values]
+
+
 def option_codes(n: int) -> list[str]:
     """The labels of ``n`` choice options: A..Z, or AA, AB, ... beyond 26 (at most 676)."""
     letters = string.ascii_uppercase

@@ -12,6 +12,7 @@ from allinone.decisions import (
     Option,
     Question,
     answer_from_logprobs,
+    choice_texts,
     labels_of,
     option_codes,
     question_block,
@@ -101,3 +102,9 @@ def test_openai_input_items_flatten_in_order():
     assert render_input(body.input) == (
         'system: be brief\n\nhi\n{"a":"é"}\n\ntool call f (c1): {}\n\ntool output (c1): 42'
     )
+
+
+def test_choice_values_are_plain_text_unless_a_boolean_could_be_confused():
+    assert choice_texts(["billing", "物流"]) == ["billing", "物流"]
+    assert choice_texts(["a", True, "true"]) == ['"a"', "true", '"true"']
+    assert choice_texts(["True", "no"]) == ['"True"', '"no"']

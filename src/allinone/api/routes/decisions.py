@@ -48,6 +48,7 @@ from allinone.decisions import (
     DecisionService,
     Option,
     Question,
+    choice_texts,
     compact_json,
     openai_answer,
     predicate,
@@ -162,8 +163,11 @@ def _openai_questions(body: DecisionRequest, limits: Any) -> list[Question]:
                         param=f"{where}.choices[{j}].value",
                     )
                 seen.add(key)
-            options = tuple(Option(compact_json(c.value), c.description) for c in q.choices)
             values = tuple(c.value for c in q.choices)
+            options = tuple(
+                Option(t, c.description)
+                for t, c in zip(choice_texts(values), q.choices, strict=True)
+            )
             questions.append(Question("choice", text, options, q.x_calibration, values=values))
         else:
             n, most = len(q.levels), limits.decision_max_levels
