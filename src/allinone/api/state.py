@@ -184,15 +184,37 @@ class ServerState:
         self, events: AsyncIterator[T], what: str, deadline: float | None = None
     ) -> AsyncIterator[T]:
         """``events`` item by item, each wait bounded as in :meth:`bounded` (one deadline for
-        the whole iteration)."""
+        the whole iteration). One drain waiter serves the whole stream, not one per item."""
         if deadline is None:
             deadline = time.monotonic() + self.settings.server.request_timeout_s
-        while True:
-            try:
-                item = await self.bounded(anext(events), what, deadline)
-            except StopAsyncIteration:
-                return
-            yield item
+        drain = None
+        if self.drain_deadline is not None:
+            drain = asyncio.ensure_future(self.drain_deadline.wait())
+        try:
+            while True:
+                step: asyncio.Future = asyncio.ensure_future(anext(events))
+                waiters: set[asyncio.Future] = {step} if drain is None else {step, drain}
+                try:
+                    done, _ = await asyncio.wait(
+                        waiters,
+                        timeout=max(0.0, deadline - time.monotonic()),
+                        return_when=asyncio.FIRST_COMPLETED,
+                    )
+                finally:
+                    if not step.done():
+                        step.cancel()
+                        await asyncio.gather(step, return_exceptions=True)
+                if step not in done:
+                    raise self._ended_early(what, timed_out=drain is None or drain not in done)
+                try:
+                    item = step.result()
+                except StopAsyncIteration:
+                    return
+                yield item
+        finally:
+            if drain is not None and not drain.done():
+                drain.cancel()
+                await asyncio.gather(drain, return_exceptions=True)
 
     def retry_after(self) -> dict[str, str]:
         """The Retry-After header for refusals."""
