@@ -64,7 +64,7 @@ router = APIRouter(tags=["decisions"])
 MODEL_ALIASES = ("jev-latest", "jev-preview")
 
 
-def _check_model(state: Any, model: str, route: str) -> str:
+def _check_model(state: Any, model: str) -> str:
     served = state.require_service().backend.model_id
     if model not in (served, *MODEL_ALIASES):
         known = ", ".join((served, *MODEL_ALIASES))
@@ -276,7 +276,7 @@ async def _decide(
 )
 async def decisions(body: DecisionRequest, request: Request) -> DecisionResponse:
     state = request.app.state.server
-    served = _check_model(state, body.model, "decisions")
+    served = _check_model(state, body.model)
     questions = _openai_questions(body, state.settings.server)
     result = await _decide(request, "decisions", render_input(body.input), questions)
     answers = [
@@ -327,7 +327,7 @@ async def decide_task(body: TaskDecisionRequest, request: Request) -> TaskDecisi
 )
 async def systemone(body: SystemOneRequest, request: Request) -> SystemOneResponse:
     state = request.app.state.server
-    served = _check_model(state, body.model, "systemone")
+    served = _check_model(state, body.model)
     if body.assets:
         raise _invalid(
             "systemone",
