@@ -24,6 +24,7 @@ from allinone.backends.base import (
     BackendError,
     EngineDeadError,
     EngineOverloadedError,
+    ParamError,
     PromptTooLongError,
     UpstreamError,
     UpstreamTimeoutError,
@@ -154,6 +155,8 @@ def to_api_error(exc: BaseException, retry_after: int = 1, param: str | None = N
         if getattr(exc, "not_found", False):
             return NotFoundError(str(exc), param=where)
         return InvalidRequestError(str(exc), param=where)
+    if isinstance(exc, ParamError):
+        return InvalidRequestError(str(exc), param=exc.param or param)
     if isinstance(exc, PromptTooLongError):
         return InvalidRequestError(
             str(exc), param=param or "messages", code="context_length_exceeded"
@@ -185,6 +188,8 @@ def _validation_message(
         return f"the body is not valid JSON: {first.get('msg')}; send a JSON object", None
     param = _field_path(first, brackets)
     msg = first.get("msg", "invalid value").removeprefix("Value error, ")
+    if first.get("type") == "extra_forbidden":
+        msg = "this route does not take this field; remove it (or check its spelling)"
     where = f"{param}: " if param else ""
     others = {_field_path(e, brackets) for e in errors} - {param}
     more = f" (and {len(others)} more problem(s))" if others else ""

@@ -5,12 +5,14 @@ Nothing here knows which engine runs the model; the CLI and the HTTP API both go
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
 from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from allinone import calibration
 from allinone.backends.base import (
@@ -104,17 +106,27 @@ def bound_history(
     if not turns:
         return messages, 0
     kept = [turns[-1]]
-    used = count(turns[-1]["content"])
+    used = count(_counted_text(turns[-1]))
     for m in reversed(turns[:-1]):
-        cost = count(m["content"])
+        cost = count(_counted_text(m))
         if used + cost > budget:
             break
         kept.append(m)
         used += cost
     kept.reverse()
-    while len(kept) > 1 and kept[0]["role"] == "assistant":
+    # A kept history starts with a user turn: an assistant reply or a tool result without
+    # the turn that asked for it would confuse the model.
+    while len(kept) > 1 and kept[0]["role"] in ("assistant", "tool"):
         kept.pop(0)
     return system + kept, len(turns) - len(kept)
+
+
+def _counted_text(message: dict) -> str:
+    """What of a message takes tokens: its text and any tool calls it made."""
+    text = message.get("content") or ""
+    if message.get("tool_calls"):
+        text += json.dumps(message["tool_calls"], ensure_ascii=False)
+    return text
 
 
 class TaskService:
@@ -318,16 +330,20 @@ class TaskService:
         top_p: float = 1.0,
         stop: list[str] | None = None,
         seed: int | None = None,
+        tools: list[dict] | None = None,
+        options: dict[str, Any] | None = None,
     ) -> ChatPlan:
         """Build the prompt and sampling for a chat. With a task: its system prompt (unless the
-        caller sent one), its history budget, input limit and reply caps apply."""
+        caller sent one), its history budget, input limit and reply caps apply. ``tools`` go to
+        the chat template; ``options`` are further ``GenerationParams`` fields (logit_bias,
+        penalties, grammar, logprobs)."""
         if not messages:
             raise TaskError("messages is empty: send at least one user message")
-        if messages[-1]["role"] != "user":
-            raise TaskError("the last message must come from the user")
+        if messages[-1]["role"] not in ("user", "tool"):
+            raise TaskError("the last message must come from the user (or be a tool result)")
         messages = [dict(m) for m in messages]
         dropped = 0
-        if task is not None:
+        if task is not None and messages[-1]["role"] == "user":
             messages[-1]["content"] = task.prepare_input(messages[-1]["content"])
             if not any(m["role"] == "system" for m in messages):
                 messages.insert(0, {"role": "system", "content": task.system})
@@ -354,8 +370,13 @@ class TaskService:
                 stop=list(stop or []),
                 seed=seed,
             )
+        if options:
+            params = dataclasses.replace(params, **options)
         n_prefix = 1 if messages[0]["role"] == "system" and len(messages) > 1 else 0
-        return ChatPlan(self.backend.render_chat(messages, n_prefix), params, dropped)
+        if tools:
+            n_prefix = 0  # the template writes the tools into the system turn
+        prompt = self.backend.render_chat(messages, n_prefix, tools=tools)
+        return ChatPlan(prompt, params, dropped)
 
     def _cost(self, text: str) -> int:
         return self.backend.count_tokens(text) + MESSAGE_OVERHEAD_TOKENS

@@ -115,7 +115,16 @@ class EngineSettings(BaseSettings):
         description="Requests (list items count one each) waiting for a "
         "sequence; more are refused with 503",
     )
-    seed: int = Field(0, description="Default sampling seed, for sampled (temperature>0) replies")
+    grammar_prewarm: bool = Field(
+        True,
+        description="Build the grammar engine's view of the vocabulary at start-up (seconds, "
+        "~60 MB on a 152k vocabulary) instead of on the first structured-output request",
+    )
+    seed: int | None = Field(
+        None,
+        description="Sampling seed for requests that send none (default: a fresh seed per "
+        "request, so unseeded samples differ; set one only to make tests repeat)",
+    )
     host_check: bool = Field(
         True,
         description="Before loading, decode a 64-token prompt in a child process to prove "
@@ -184,6 +193,20 @@ class ServerSettings(BaseSettings):
         None, ge=1, description="Above this the process exits (code 3) to be restarted"
     )
     memory_sample_s: float = Field(10.0, gt=0, le=3600, description="Memory sampling interval")
+    cors_origins: list[str] = Field(
+        default_factory=list,
+        description="Browser origins allowed to call the API (JSON list, e.g. "
+        '["https://app.example.com"]; "*" for any); empty = CORS off',
+    )
+    cors_methods: list[str] = Field(
+        default_factory=lambda: ["GET", "POST", "OPTIONS"], description="CORS allowed methods"
+    )
+    cors_headers: list[str] = Field(
+        default_factory=lambda: ["*"],
+        description="CORS allowed request headers (default any: Authorization, Content-Type, "
+        "the openai SDK's x-stainless-*)",
+    )
+    cors_credentials: bool = Field(False, description="CORS: allow cookies / credentials")
 
     @field_validator("overload_status")
     @classmethod

@@ -7,10 +7,11 @@ from collections.abc import Callable
 from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 
 from allinone import __version__
 from allinone.api.middleware import BodyLimitMiddleware, MetricsMiddleware
-from allinone.api.routes import decisions, health, openai, tasks
+from allinone.api.routes import completions, decisions, health, openai, tasks
 from allinone.api.state import ServerState
 from allinone.backends.base import Backend
 from allinone.errors import AuthenticationError, envelope, register_exception_handlers
@@ -84,8 +85,21 @@ def create_app(
 
     app.include_router(health.router)
     app.include_router(openai.router, dependencies=[Depends(require_api_key)])
+    app.include_router(completions.router, dependencies=[Depends(require_api_key)])
     app.include_router(tasks.router, dependencies=[Depends(require_api_key)])
     app.include_router(decisions.router, dependencies=[Depends(require_api_key)])
     app.add_middleware(BodyLimitMiddleware, limit=settings.server.max_body_bytes)
     app.add_middleware(MetricsMiddleware, metrics=state.metrics)
+    server = settings.server
+    if server.cors_origins:
+        # Outermost, so a browser's preflight (OPTIONS, no API key) is answered before the
+        # key check, and every answer, errors included, carries the CORS headers.
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=server.cors_origins,
+            allow_methods=server.cors_methods,
+            allow_headers=server.cors_headers,
+            allow_credentials=server.cors_credentials,
+            max_age=600,
+        )
     return app

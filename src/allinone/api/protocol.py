@@ -4,9 +4,16 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
 
 
 def _valid_text(value: str) -> str:
@@ -36,12 +43,31 @@ class ContentPart(BaseModel):
     text: Text | None = None
 
 
+class FunctionCall(BaseModel):
+    """A called function: its name and its arguments as a JSON text (OpenAI's shape)."""
+
+    name: Text
+    arguments: Text
+
+
+class ToolCall(BaseModel):
+    """One tool call of an assistant message."""
+
+    id: Text
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(BaseModel):
-    """A chat message as OpenAI clients send it."""
+    """A chat message as OpenAI clients send it (fields a client echoes back from an earlier
+    reply, such as ``refusal`` or ``annotations``, are accepted and do not reach the model)."""
 
     model_config = ConfigDict(extra="allow")
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Text | list[ContentPart] | None = None
+    name: Text | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: Text | None = None
 
     def text(self) -> str:
         """The message as plain text (text parts joined); ValueError for non-text parts."""
@@ -63,10 +89,78 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class ChatCompletionRequest(BaseModel):
-    """POST /v1/chat/completions. Unknown OpenAI fields are accepted and ignored."""
+class FunctionDefinition(BaseModel):
+    """A function the model may call: name, description and a JSON schema of its arguments."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: Text | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ToolDefinition(BaseModel):
+    """An entry of ``tools``: only functions."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    """``tool_choice`` naming one function the model must call."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["function"]
+    function: NamedFunction
+
+
+class JsonSchemaFormat(BaseModel):
+    """``response_format.json_schema``: the schema a reply must validate against."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: Text | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    """``response_format``: free text, any JSON object, or JSON under a schema."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError('type "json_schema" needs a json_schema object (name and schema)')
+        return self
+
+
+class NoEffectFields(BaseModel):
+    """Fields that do not change a reply (bookkeeping, caching and routing hints): accepted
+    and not used, on every route. Every other unknown field gets a 400 naming it."""
+
+    model_config = ConfigDict(extra="forbid")
+    user: Any = None
+    metadata: Any = None
+    store: Any = None
+    service_tier: Any = None
+    prompt_cache_key: Any = None
+    safety_identifier: Any = None
+    cache_prompt: Any = None  # llama.cpp's server flag; this server caches prompts anyway
+
+
+class ChatCompletionRequest(NoEffectFields):
+    """POST /v1/chat/completions."""
+
     model: Text = Field(min_length=1, description="The served model's id, or a task name")
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1, le=32768)
@@ -78,6 +172,15 @@ class ChatCompletionRequest(BaseModel):
     stream_options: StreamOptions | None = None
     n: int = Field(1, ge=1, le=1, description="Only one choice per request")
     seed: int | None = None
+    response_format: ResponseFormat | None = None
+    tools: list[ToolDefinition] | None = Field(None, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    logit_bias: dict[str, float] | None = None
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
 
     def stop_list(self) -> list[str] | None:
         """``stop`` as a list (the validator below has made it one)."""
@@ -93,12 +196,73 @@ class ChatCompletionRequest(BaseModel):
             raise ValueError("stop takes up to 4 non-empty strings")
         return stops
 
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        for key, bias in (v or {}).items():
+            if not key.isdigit():
+                raise ValueError(f"keys are token ids (digits), not {key!r}")
+            if not -100.0 <= bias <= 100.0:
+                raise ValueError(f"token {key}: a bias is between -100 and 100, not {bias}")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ChatCompletionRequest:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        if self.tool_choice not in (None, "none") and not self.tools:
+            raise ValueError("tool_choice needs tools: send the functions the model may call")
+        return self
+
 
 class ChatCompletionMessage(BaseModel):
-    """The assistant's reply."""
+    """The assistant's reply: text, or tool calls (``content`` null)."""
 
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    refusal: None = None
+    tool_calls: list[ToolCall] | None = None
+
+
+class TopLogprob(BaseModel):
+    """One likely token at a position: text, log-probability, UTF-8 bytes."""
+
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class LogprobEntry(TopLogprob):
+    """A generated token's log-probability and the most likely tokens at its position."""
+
+    top_logprobs: list[TopLogprob] = Field(default_factory=list)
+
+    @classmethod
+    def of(cls, entry) -> LogprobEntry:
+        """From an engine's ``TokenLogprob``."""
+        top = [TopLogprob(token=_text(b), logprob=lp, bytes=list(b)) for b, lp in entry.top]
+        return cls(
+            token=_text(entry.token),
+            logprob=entry.logprob,
+            bytes=list(entry.token),
+            top_logprobs=top,
+        )
+
+
+def _text(piece: bytes) -> str:
+    return piece.decode("utf-8", errors="replace")
+
+
+class ChoiceLogprobs(BaseModel):
+    """``choices[].logprobs``: one entry per generated token."""
+
+    content: list[LogprobEntry] | None = None
+    refusal: None = None
+
+    @classmethod
+    def of(cls, entries) -> ChoiceLogprobs:
+        """From a list of ``TokenLogprob``."""
+        return cls(content=[LogprobEntry.of(e) for e in entries])
 
 
 class Choice(BaseModel):
@@ -107,6 +271,7 @@ class Choice(BaseModel):
     index: int = 0
     message: ChatCompletionMessage
     finish_reason: str
+    logprobs: ChoiceLogprobs | None = None
 
 
 class PromptTokensDetails(BaseModel):
@@ -151,11 +316,28 @@ class ChatCompletionResponse(BaseModel):
     usage: UsageInfo
 
 
+class DeltaFunction(BaseModel):
+    """Part of a streamed tool call's function: the name comes once, arguments in pieces."""
+
+    name: str | None = None
+    arguments: str | None = None
+
+
+class DeltaToolCall(BaseModel):
+    """A streamed tool call piece; ``index`` says which call it belongs to."""
+
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: DeltaFunction | None = None
+
+
 class DeltaMessage(BaseModel):
     """What one stream chunk adds to the reply."""
 
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
 
 class ChunkChoice(BaseModel):
@@ -164,6 +346,7 @@ class ChunkChoice(BaseModel):
     index: int = 0
     delta: DeltaMessage
     finish_reason: str | None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletionChunk(BaseModel):
@@ -188,12 +371,26 @@ class ChunkStream:
         without ``usage``); ``finish_reason`` is always there, null until the end, as OpenAI's."""
         return f"data: {chunk.model_dump_json(exclude_unset=True)}\n\n"
 
-    def delta(self, content: str, role: bool = False) -> str:
-        """A chunk that adds ``content`` (and opens the assistant's message with ``role``)."""
+    def delta(
+        self, content: str, role: bool = False, logprobs: ChoiceLogprobs | None = None
+    ) -> str:
+        """A chunk that adds ``content`` (and opens the assistant's message with ``role``),
+        with the log-probabilities of its tokens when the request asked for them."""
         d = (
             DeltaMessage(role="assistant", content=content)
             if role
             else DeltaMessage(content=content)
+        )
+        choice = ChunkChoice(index=0, delta=d, finish_reason=None)
+        if logprobs is not None:
+            choice.logprobs = logprobs
+        return self.sse(self._chunk([choice]))
+
+    def tool_call(self, index: int, call: ToolCall) -> str:
+        """A chunk with one whole tool call (OpenAI's indexed delta: id, name, arguments)."""
+        fn = DeltaFunction(name=call.function.name, arguments=call.function.arguments)
+        d = DeltaMessage(
+            tool_calls=[DeltaToolCall(index=index, id=call.id, type="function", function=fn)]
         )
         return self.sse(self._chunk([ChunkChoice(index=0, delta=d, finish_reason=None)]))
 

@@ -41,6 +41,21 @@ class PromptTooLongError(ValueError):
     """A prompt does not fit the context a sequence may use."""
 
 
+class ParamError(ValueError):
+    """A request parameter the engine cannot honour as sent (HTTP 400 naming ``param``)."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+class GrammarError(ParamError):
+    """A grammar or JSON schema the engine cannot compile or follow (the caller's to fix)."""
+
+    def __init__(self, message: str, param: str | None = "response_format") -> None:
+        super().__init__(message, param)
+
+
 @dataclass(frozen=True)
 class Segment:
     """A piece of prompt text; ``special`` pieces are template markup whose control tokens are
@@ -77,6 +92,16 @@ class GenerationParams:
     stop: list[str] = field(default_factory=list)
     max_chars: int | None = None
     seed: int | None = None
+    # OpenAI's logit processing, applied in this order before temperature: ``logit_bias``
+    # (token id -> added logit, -100..100), presence and frequency penalties over the tokens
+    # generated so far, then the grammar's mask.
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    grammar: Any = None  # a compiled grammar (llama.cpp backend: ``TokenGrammar``)
+    # Report each generated token's log-probability and the ``top_logprobs`` most likely ones.
+    logprobs: bool = False
+    top_logprobs: int = 0
 
 
 FinishReason = Literal["stop", "length", "cancelled"]
@@ -92,14 +117,27 @@ class Usage:
     cached_tokens: int = 0
 
 
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One generated token with its log-probability (natural log, under the model's own
+    distribution before logit bias, penalties, grammar and temperature) and, when asked for,
+    the most likely tokens at that position as (token bytes, log-probability), best first."""
+
+    token: bytes
+    logprob: float
+    top: tuple[tuple[bytes, float], ...] = ()
+
+
 @dataclass
 class Finished:
     """Final event of a request: why it stopped, its usage, and its result (scoring: one
-    log-probability per choice; generation: the whole reply text)."""
+    log-probability per choice; generation: the whole reply text). ``logprobs``: one entry per
+    generated token when the request asked for them."""
 
     reason: FinishReason
     usage: Usage
     result: Any = None
+    logprobs: list[TokenLogprob] | None = None
 
 
 class RequestHandle:
@@ -129,6 +167,11 @@ class RequestHandle:
     def emit_text(self, text: str) -> None:
         """Engine: a new piece of generated text."""
         self._put("text", text)
+
+    def emit_logprobs(self, entries: list[TokenLogprob]) -> None:
+        """Engine: log-probabilities of the tokens whose text comes next (only for requests
+        that asked for them; the event is ("logprobs", list[TokenLogprob]))."""
+        self._put("logprobs", entries)
 
     def finish(self, finished: Finished) -> None:
         """Engine: the request is done."""
@@ -216,15 +259,49 @@ class Backend(ABC):
         """Tokens ``text`` takes (used to bound chat history)."""
 
     @abstractmethod
-    def render_chat(self, messages: list[dict[str, str]], n_prefix_messages: int) -> Prompt:
+    def render_chat(
+        self,
+        messages: list[dict[str, Any]],
+        n_prefix_messages: int,
+        tools: list[dict] | None = None,
+    ) -> Prompt:
         """Render messages with the model's chat template, ready for an assistant reply.
 
         The first ``n_prefix_messages`` messages (e.g. the system prompt and few-shot turns) form
-        the cacheable prefix."""
+        the cacheable prefix. ``tools``: OpenAI-style function definitions, which the template
+        renders in its own tool-use format; messages may then carry ``tool_calls`` (arguments
+        as objects) and come with role ``tool``."""
 
     def failure(self) -> str | None:
         """Why the engine stopped serving, once it has (None while it runs)."""
         return None
+
+    # Which of GenerationParams' optional features this engine honours: "grammar",
+    # "logit_bias", "penalties", "logprobs". A request that needs another gets a 400.
+    generation_features: ClassVar[frozenset[str]] = frozenset()
+
+    def json_grammar(self, schema: dict[str, Any] | None) -> Any:
+        """A compiled grammar for JSON valid under ``schema`` (None: any JSON object), for
+        ``GenerationParams.grammar``. GrammarError when it cannot be compiled or the engine
+        cannot constrain decoding."""
+        raise GrammarError(f"the {self.name} backend cannot constrain its output to a schema")
+
+    def lark_grammar(self, source: str) -> Any:
+        """A compiled grammar from Lark source (llguidance's dialect); GrammarError as above."""
+        raise GrammarError(f"the {self.name} backend cannot constrain its output to a grammar")
+
+    def chat_template_source(self) -> str | None:
+        """The Jinja source of the chat template in use (None before load)."""
+        template = getattr(self, "_template", None)
+        return getattr(template, "source", None)
+
+    def tokenize(self, text: str, special: bool = False) -> list[int]:
+        """Token ids of ``text`` (``special``: parse control-token markup)."""
+        raise ParamError(f"the {self.name} backend does not expose its tokenizer")
+
+    def detokenize(self, tokens: list[int]) -> str:
+        """The text of token ids (ParamError for an id outside the vocabulary)."""
+        raise ParamError(f"the {self.name} backend does not expose its tokenizer")
 
     @abstractmethod
     def score_choices(self, prompt: Prompt, choices: list[str]) -> RequestHandle:

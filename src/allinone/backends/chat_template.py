@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -30,21 +31,41 @@ class ChatTemplate:
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
         env.globals["raise_exception"] = _raise
         env.globals["strftime_now"] = lambda fmt: time.strftime(fmt)
-        self._template = env.from_string(source or CHATML_TEMPLATE)
+        self.source = source or CHATML_TEMPLATE
+        self._template = env.from_string(self.source)
         self._bos = bos
 
-    def render(self, messages: list[dict[str, str]], n_prefix_messages: int) -> Prompt:
-        """Messages -> a Prompt whose prefix holds the first ``n_prefix_messages`` messages."""
-        marked = [{"role": m["role"], "content": _MARK.format(i)} for i, m in enumerate(messages)]
+    def render(
+        self,
+        messages: list[dict[str, Any]],
+        n_prefix_messages: int,
+        tools: list[dict] | None = None,
+    ) -> Prompt:
+        """Messages -> a Prompt whose prefix holds the first ``n_prefix_messages`` messages.
+
+        Each message's text ``content`` becomes a segment of its own, never parsed for control
+        tokens; everything the template writes around it (roles, tool definitions, earlier tool
+        calls) is markup. Jinja's ``tojson`` escapes ``<``, ``>`` and ``&``, so a tool
+        definition or call argument cannot spell a control token either."""
+        marked = []
+        for i, m in enumerate(messages):
+            mm = dict(m)
+            if m.get("content"):
+                mm["content"] = _MARK.format(i)
+            marked.append(mm)
         bos_text, add_bos = self._bos
+        extra = {"tools": tools} if tools else {}
         rendered = self._template.render(
-            messages=marked, add_generation_prompt=True, bos_token=bos_text, eos_token=""
+            messages=marked, add_generation_prompt=True, bos_token=bos_text, eos_token="", **extra
         )
         if add_bos and bos_text and not rendered.startswith(bos_text):
             rendered = bos_text + rendered
         segments: list[Segment] = []
         rest = rendered
         for i, m in enumerate(messages):
+            if not m.get("content"):
+                segments += [Segment("", special=True), Segment("", special=False)]
+                continue
             mark = _MARK.format(i)
             head, sep, rest = rest.partition(mark)
             if not sep:

@@ -146,10 +146,15 @@ class TransformersBackend(Backend):
     def count_tokens(self, text: str) -> int:
         return len(self._ids((Segment(text),)))
 
-    def render_chat(self, messages: list[dict[str, str]], n_prefix_messages: int) -> Prompt:
+    def render_chat(
+        self,
+        messages: list[dict[str, Any]],
+        n_prefix_messages: int,
+        tools: list[dict] | None = None,
+    ) -> Prompt:
         if not self._alive:
             raise BackendError("the model is not loaded")
-        return self._template.render(messages, n_prefix_messages)
+        return self._template.render(messages, n_prefix_messages, tools)
 
     # -- submission --------------------------------------------------------------------------
     def _submit(self, kind: str, prompt: Prompt, arg: Any, n_new: int) -> RequestHandle:

@@ -15,12 +15,14 @@ from collections.abc import AsyncIterator
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
+from allinone.api.chat_request import chat_messages, chat_options
 from allinone.api.protocol import (
     DONE,
     ChatCompletionMessage,
     ChatCompletionRequest,
     ChatCompletionResponse,
     Choice,
+    ChoiceLogprobs,
     ChunkStream,
     ModelCard,
     ModelList,
@@ -28,7 +30,8 @@ from allinone.api.protocol import (
     UsageInfo,
 )
 from allinone.api.routes.decisions import MODEL_ALIASES
-from allinone.backends.base import PromptTooLongError
+from allinone.api.tool_calls import ToolCallStream, parse_tool_calls
+from allinone.backends.base import ParamError, PromptTooLongError
 from allinone.errors import (
     InvalidRequestError,
     NotFoundError,
@@ -68,17 +71,6 @@ async def list_models(request: Request) -> ModelList:
     return ModelList(data=cards, models=meta)
 
 
-def _messages(body: ChatCompletionRequest) -> list[dict[str, str]]:
-    out = []
-    for i, m in enumerate(body.messages):
-        try:
-            text = m.text()
-        except ValueError as exc:
-            raise InvalidRequestError(str(exc), param=f"messages.{i}.content") from exc
-        out.append({"role": "system" if m.role == "developer" else m.role, "content": text})
-    return out
-
-
 def _resolve_task(service: TaskService, model: str) -> TaskSpec | None:
     if model == service.backend.model_id:
         return None
@@ -102,14 +94,16 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     service: TaskService = state.require_service()
     task = _resolve_task(service, body.model)
     request.state.task = task.name if task else "model"
-    messages = _messages(body)
+    messages = chat_messages(body)
     if task is not None and task.kind == "decide":
         raise InvalidRequestError(
             f"task {task.name!r} is a decide task: send its input to POST /v1/decide",
             param="model",
         )
     if task is not None and task.kind in ("classify", "extract"):
+        _refuse_for_label_task(body, task)
         return await _answer_as_chat(state, request, service, task, messages, body)
+    extra = await chat_options(body, service.backend)
     try:
         plan = service.plan_chat(
             task,
@@ -117,16 +111,20 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
             max_tokens=body.max_completion_tokens or body.max_tokens,
             temperature=body.temperature,
             top_p=body.top_p,
-            stop=body.stop_list(),
+            stop=(body.stop_list() or []) + extra.stop,
             seed=body.seed,
+            tools=extra.tools,
+            options=extra.options,
         )
         handle = service.submit_chat(plan)
     except (TaskError, PromptTooLongError) as exc:
         raise to_api_error(exc, param="messages") from exc
+    except ParamError as exc:
+        raise to_api_error(exc) from exc
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return StreamingResponse(
-            _stream(handle, body.model, include_usage, state),
+            _stream(handle, body.model, include_usage, state, extra.tool_names),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
@@ -134,27 +132,83 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
         finished = await state.bounded(handle.result_async(), "the reply", request=request)
     finally:
         handle.cancel()  # timeout, drain deadline or client gone: free the sequence
+    content, calls = finished.result, None
+    reason = finished.reason
+    if extra.tool_names is not None:
+        content, found = parse_tool_calls(finished.result, extra.tool_names)
+        if found:
+            calls, reason = found, "tool_calls"
+    logprobs = ChoiceLogprobs.of(finished.logprobs) if finished.logprobs is not None else None
     return ChatCompletionResponse(
         model=body.model,
         choices=[
             Choice(
-                message=ChatCompletionMessage(content=finished.result),
-                finish_reason=finished.reason,
+                message=ChatCompletionMessage(content=content, tool_calls=calls),
+                finish_reason=reason,
+                logprobs=logprobs,
             )
         ],
         usage=UsageInfo.of(finished.usage),
     )
 
 
-async def _stream(handle, model: str, include_usage: bool, state) -> AsyncIterator[str]:
+def _refuse_for_label_task(body: ChatCompletionRequest, task: TaskSpec) -> None:
+    """A classify or extract task answers with its own label or JSON: fields that would shape
+    a free reply cannot apply (400 naming the first one sent)."""
+    sent = {
+        "response_format": body.response_format is not None,
+        "tools": bool(body.tools),
+        "logprobs": body.logprobs,
+        "logit_bias": bool(body.logit_bias),
+        "presence_penalty": bool(body.presence_penalty),
+        "frequency_penalty": bool(body.frequency_penalty),
+    }
+    for name, given in sent.items():
+        if given:
+            raise InvalidRequestError(
+                f"task {task.name!r} is a {task.kind} task, which answers with its own "
+                f"{'label' if task.kind == 'classify' else 'JSON'}; {name} does not apply "
+                f"(send it with model {task.name!r} replaced by the served model's id)",
+                param=name,
+            )
+
+
+async def _stream(
+    handle, model: str, include_usage: bool, state, tool_names: set[str] | None = None
+) -> AsyncIterator[str]:
     out = ChunkStream(model)
+    calls = ToolCallStream(tool_names) if tool_names is not None else None
+    n_calls = 0
+    pending_lp: list = []
+
+    def emit(events) -> list[str]:
+        nonlocal n_calls
+        chunks = []
+        for kind, value in events:
+            if kind == "content":
+                chunks.append(out.delta(value, logprobs=_take(pending_lp)))
+            else:
+                chunks.append(out.tool_call(n_calls, value))
+                n_calls += 1
+        return chunks
+
     try:
         yield out.delta("", role=True)
         async for kind, value in state.bounded_iter(handle.aevents(), "the reply"):
-            if kind == "text":
-                yield out.delta(value)
+            if kind == "logprobs":
+                pending_lp.extend(value)
                 continue
-            yield out.finish(value.reason)
+            if kind == "text":
+                events = calls.feed(value) if calls is not None else [("content", value)]
+                for chunk in emit(events):
+                    yield chunk
+                continue
+            if calls is not None:
+                for chunk in emit(calls.finish()):
+                    yield chunk
+            if pending_lp:  # tokens whose text went into tool calls
+                yield out.delta("", logprobs=_take(pending_lp))
+            yield out.finish("tool_calls" if n_calls else value.reason)
             if include_usage:
                 yield out.usage(UsageInfo.of(value.usage))
         yield DONE
@@ -164,6 +218,16 @@ async def _stream(handle, model: str, include_usage: bool, state) -> AsyncIterat
         yield DONE
     finally:
         handle.cancel()
+
+
+def _take(entries: list) -> ChoiceLogprobs | None:
+    """The pending token log-probabilities as a chunk's ``logprobs`` (None when there are none),
+    emptying the list."""
+    if not entries:
+        return None
+    lp = ChoiceLogprobs.of(entries)
+    entries.clear()
+    return lp
 
 
 async def _answer_as_chat(

@@ -13,6 +13,7 @@ from allinone.backends.base import (
     Backend,
     BackendError,
     GenerationParams,
+    ParamError,
     Prompt,
     PromptTooLongError,
     RequestHandle,
@@ -22,6 +23,7 @@ from allinone.backends.base import (
 from allinone.backends.chat_template import ChatTemplate
 from allinone.backends.kv_layout import KVLayout
 from allinone.backends.llama_cpp.engine_loop import EngineLoop
+from allinone.backends.llama_cpp.grammar import GrammarCompiler
 from allinone.backends.llama_cpp.request import Branch, Request
 from allinone.backends.llama_cpp.runtime import ContextShape, LlamaRuntime
 from allinone.settings import EngineSettings
@@ -35,6 +37,9 @@ class LlamaCppBackend(Backend):
     name: ClassVar[str] = "llama_cpp"
     supports_streaming: ClassVar[bool] = True
     supports_choice_scoring: ClassVar[bool] = True
+    generation_features: ClassVar[frozenset[str]] = frozenset(
+        {"grammar", "logit_bias", "penalties", "logprobs"}
+    )
 
     def __init__(self, model_path: Path, engine: EngineSettings, model_id: str) -> None:
         self.model_path = Path(model_path)
@@ -46,6 +51,7 @@ class LlamaCppBackend(Backend):
         self._template: ChatTemplate | None = None
         self._prefix_tokens: OrderedDict[tuple, list[int]] = OrderedDict()
         self._lock = threading.Lock()
+        self._grammars: GrammarCompiler | None = None
 
     @property
     def model_id(self) -> str:
@@ -75,6 +81,13 @@ class LlamaCppBackend(Backend):
         self.rt.warm_up()
         log.info("llama.cpp: %s", self.rt.system_info())
         self._template = ChatTemplate(self.rt.chat_template(), self.rt.bos_token())
+        self._grammars = GrammarCompiler(self.rt.vocab, self.rt.n_vocab)
+        if s.grammar_prewarm:
+            # llguidance's view of a 152k vocabulary takes seconds to build: do it now, beside
+            # serving, so the first structured request does not wait for it.
+            threading.Thread(
+                target=self._grammars.tokenizer, name="allinone-grammar", daemon=True
+            ).start()
         self.loop = EngineLoop(
             self.rt,
             parallel=s.parallel,
@@ -117,10 +130,38 @@ class LlamaCppBackend(Backend):
     def count_tokens(self, text: str) -> int:
         return len(self._runtime().tokenize(text, special=False))
 
-    def render_chat(self, messages: list[dict[str, str]], n_prefix_messages: int) -> Prompt:
+    def tokenize(self, text: str, special: bool = False) -> list[int]:
+        return self._runtime().tokenize(text, special=special)
+
+    def detokenize(self, tokens: list[int]) -> str:
+        rt = self._runtime()
+        bad = [t for t in tokens if not 0 <= t < rt.n_vocab]
+        if bad:
+            raise ParamError(
+                f"token id {bad[0]} is outside the vocabulary (0..{rt.n_vocab - 1})", "tokens"
+            )
+        return b"".join(rt.piece(t) for t in tokens).decode("utf-8", errors="replace")
+
+    def json_grammar(self, schema: dict[str, Any] | None) -> Any:
+        return self._compiler().json_schema(schema)
+
+    def lark_grammar(self, source: str) -> Any:
+        return self._compiler().lark(source)
+
+    def _compiler(self) -> GrammarCompiler:
+        self._runtime()
+        assert self._grammars is not None  # set by load()
+        return self._grammars
+
+    def render_chat(
+        self,
+        messages: list[dict[str, Any]],
+        n_prefix_messages: int,
+        tools: list[dict] | None = None,
+    ) -> Prompt:
         self._runtime()
         assert self._template is not None  # set by load()
-        return self._template.render(messages, n_prefix_messages)
+        return self._template.render(messages, n_prefix_messages, tools)
 
     def _tokens(self, segments: tuple[Segment, ...]) -> list[int]:
         rt = self._runtime()
@@ -192,7 +233,14 @@ class LlamaCppBackend(Backend):
         return Branch(tuple(self._tokens(branch.suffix)), labels)
 
     def generate(self, prompt: Prompt, params: GenerationParams) -> RequestHandle:
-        self._runtime()
+        rt = self._runtime()
+        bad = [t for t in params.logit_bias if not 0 <= t < rt.n_vocab]
+        if bad:
+            raise ParamError(
+                f"token id {bad[0]} is outside this model's vocabulary (0..{rt.n_vocab - 1}); "
+                "POST /tokenize gives the ids of a text",
+                "logit_bias",
+            )
         req = self._request("generate", prompt, 1)
         # Cap the reply to the room left rather than failing a long conversation outright.
         room = self.settings.ctx_per_seq - len(req.prompt)

@@ -61,7 +61,12 @@ from allinone.backends.kv_layout import KVLayout
 from allinone.backends.llama_cpp.prompt_cache import PromptCache
 from allinone.backends.llama_cpp.request import Branch, Feed, Request, RequestState, StepPlan
 from allinone.backends.llama_cpp.runtime import LlamaRuntime
-from allinone.backends.llama_cpp.sampling import log_softmax, sample_token
+from allinone.backends.llama_cpp.sampling import (
+    log_softmax,
+    process_logits,
+    sample_token,
+    token_logprob,
+)
 from allinone.backends.llama_cpp.sequences import SequencePools
 
 log = logging.getLogger(__name__)
@@ -87,7 +92,7 @@ class EngineLoop:
         prefix_cache_tokens: int,
         max_choices: int,
         max_queue: int,
-        seed: int = 0,
+        seed: int | None = None,
         reuse_slots: bool = True,
         prompt_cache_bytes: int = 0,
     ) -> None:
@@ -247,8 +252,12 @@ class EngineLoop:
                     req.ctx_base = len(req.prefix_tokens)
         if req.kind == "generate":
             req.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+            # Without a seed (the request's, else the operator's ALLINONE_SEED) every request
+            # draws a fresh one from the OS: only an explicit seed may repeat a sample.
             seed = req.params.seed if req.params.seed is not None else self.seed
             req.rng = np.random.default_rng(seed)
+            if req.params.grammar is not None:
+                req.matcher = req.params.grammar.matcher()
         req.state = RequestState.PREFILL
         self._active.append(req)
 
@@ -487,10 +496,16 @@ class EngineLoop:
     def _on_token(self, req: Request, logits: np.ndarray) -> None:
         p = req.params
         assert req.rng is not None and req.decoder is not None  # set when generation starts
-        tok = sample_token(logits, p, req.rng)
+        tok = sample_token(process_logits(logits, p, req.counts, req.matcher), p, req.rng)
+        if req.matcher is not None:
+            req.matcher.accept(tok)
         if self.rt.is_eog(tok):
             self._end(req, reason="stop")
             return
+        if p.logprobs:
+            req.logprobs.append(token_logprob(logits, tok, p.top_logprobs, self.rt.piece))
+        if p.presence_penalty or p.frequency_penalty:
+            req.counts[tok] = req.counts.get(tok, 0) + 1
         req.n_generated += 1
         self.counters["generated_tokens"] += 1
         req.last_token = tok
@@ -505,6 +520,9 @@ class EngineLoop:
             req.text = req.text[: p.max_chars]
             self._end(req, reason="length")
             return
+        if req.matcher is not None and req.matcher.done:
+            self._end(req, reason="stop")  # the grammar is complete: nothing more may follow
+            return
         if req.n_generated >= p.max_tokens or req.n_past + 1 >= self.ctx_limit(req):
             self._end(req, reason="length")
             return
@@ -512,8 +530,16 @@ class EngineLoop:
         hold = max((len(s) - 1 for s in p.stop), default=0)
         upto = len(req.text) - hold
         if upto > req.n_emitted:
+            self._emit_logprobs(req)
             req.handle.emit_text(req.text[req.n_emitted : upto])
             req.n_emitted = upto
+
+    @staticmethod
+    def _emit_logprobs(req: Request) -> None:
+        """Send the token log-probabilities not yet sent, ahead of the text they belong to."""
+        if req.params.logprobs and len(req.logprobs) > req.n_logprobs_emitted:
+            req.handle.emit_logprobs(req.logprobs[req.n_logprobs_emitted :])
+            req.n_logprobs_emitted = len(req.logprobs)
 
     def ctx_limit(self, req: Request) -> int:
         """Last position a request may reach: its cached prefix plus its own context share."""
@@ -552,6 +578,7 @@ class EngineLoop:
             if req.params.max_chars is not None:
                 req.text = req.text[: req.params.max_chars]
             if len(req.text) > req.n_emitted and reason != "cancelled":
+                self._emit_logprobs(req)
                 req.handle.emit_text(req.text[req.n_emitted :])
                 req.n_emitted = len(req.text)
         self.counters["cancelled" if reason == "cancelled" else "finished"] += 1
@@ -560,6 +587,10 @@ class EngineLoop:
             completion_tokens=req.n_generated,
             cached_tokens=req.cached_tokens,
         )
+        logprobs = None
         if req.kind == "generate":
             result = req.text  # the whole reply, for callers that do not stream
-        req.handle.finish(Finished(reason, usage, result))
+            if req.params.logprobs:
+                self._emit_logprobs(req)
+                logprobs = list(req.logprobs)
+        req.handle.finish(Finished(reason, usage, result, logprobs))

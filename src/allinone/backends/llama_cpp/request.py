@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from allinone.backends.base import FinishReason, GenerationParams, RequestHandle
+from allinone.backends.base import FinishReason, GenerationParams, RequestHandle, TokenLogprob
+from allinone.backends.llama_cpp.grammar import TokenMatcher
 
 
 class RequestState(enum.Enum):
@@ -161,6 +162,10 @@ class Request:
     n_emitted: int = 0
     decoder: codecs.IncrementalDecoder | None = None
     rng: np.random.Generator | None = None
+    matcher: TokenMatcher | None = None  # the grammar's parser state, when constrained
+    counts: dict[int, int] = field(default_factory=dict)  # token -> times generated (penalties)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    n_logprobs_emitted: int = 0
     # scoring: one branch per question (a classification is one branch with no suffix)
     branches: list[Branch] = field(default_factory=list)
     branch_cells: int = 0  # KV cells the running branches' scratch sequences hold

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from allinone.backends.base import GenerationParams
+from allinone.backends.base import GenerationParams, GrammarError, TokenLogprob
 
 # Sampling with temperature looks at the most likely tokens only; the tail beyond them carries
 # negligible mass and sorting all 150k logits every step would cost milliseconds.
@@ -16,6 +16,41 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
     x = logits.astype(np.float64)
     x -= x.max()
     return x - np.log(np.exp(x).sum())
+
+
+def process_logits(
+    logits: np.ndarray, params: GenerationParams, counts: dict[int, int], matcher=None
+) -> np.ndarray:
+    """The logits a token is sampled from (float64 copy): ``logit_bias`` added, OpenAI's
+    presence and frequency penalties subtracted (``counts``: token id -> times generated so
+    far; penalty = count * frequency_penalty + presence_penalty, as in OpenAI's API reference),
+    and, under a grammar, every token it forbids at -inf. GrammarError if it forbids all."""
+    x = logits.astype(np.float64)
+    if params.logit_bias:
+        ids = np.fromiter(params.logit_bias.keys(), dtype=np.int64)
+        x[ids] += np.fromiter(params.logit_bias.values(), dtype=np.float64)
+    if counts and (params.presence_penalty or params.frequency_penalty):
+        ids = np.fromiter(counts.keys(), dtype=np.int64)
+        n = np.fromiter(counts.values(), dtype=np.float64)
+        x[ids] -= n * params.frequency_penalty + params.presence_penalty
+    if matcher is not None:
+        allowed = matcher.allowed()
+        if not allowed.any():
+            raise GrammarError("the grammar allows no next token")
+        x[~allowed] = -np.inf
+    return x
+
+
+def token_logprob(logits: np.ndarray, token: int, top: int, piece) -> TokenLogprob:
+    """``token``'s log-probability under ``logits`` and the ``top`` most likely tokens
+    (``piece``: token id -> bytes)."""
+    lp = log_softmax(logits)
+    best: tuple[tuple[bytes, float], ...] = ()
+    if top > 0:
+        ids = np.argpartition(lp, -top)[-top:]
+        ids = ids[np.argsort(-lp[ids])]
+        best = tuple((piece(int(i)), float(lp[i])) for i in ids)
+    return TokenLogprob(piece(token), float(lp[token]), best)
 
 
 def sample_token(logits: np.ndarray, params: GenerationParams, rng: np.random.Generator) -> int:

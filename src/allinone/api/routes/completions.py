@@ -1,0 +1,239 @@
+"""Legacy text completions (``POST /v1/completions``, plain and streamed) and the tokenizer
+routes (``POST /tokenize``, ``POST /detokenize``, in llama.cpp's server and vLLM's shapes).
+
+A completion's prompt is raw text for the model, with control-token markup parsed (as
+llama.cpp's server and vLLM do): evaluation tools send templated prompts themselves."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Literal
+
+from fastapi import APIRouter, Request
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, Field, model_validator
+
+from allinone.api.protocol import (
+    DONE,
+    NoEffectFields,
+    StreamOptions,
+    Text,
+    UsageInfo,
+)
+from allinone.backends.base import (
+    GenerationParams,
+    ParamError,
+    Prompt,
+    PromptTooLongError,
+    Segment,
+)
+from allinone.errors import InvalidRequestError, envelope, to_api_error
+
+router = APIRouter(tags=["openai"])
+
+
+class CompletionRequest(NoEffectFields):
+    """POST /v1/completions (OpenAI's legacy API); one prompt, one choice."""
+
+    model: Text = Field(min_length=1, description="The served model's id")
+    prompt: Text | list[Text] = Field(description="The text to continue (a list of one)")
+    max_tokens: int = Field(16, ge=1, le=32768)
+    temperature: float = Field(0.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    stop: Text | list[Text] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    seed: int | None = None
+    n: int = Field(1, ge=1, le=1, description="One choice per request")
+    best_of: int = Field(1, ge=1, le=1, description="One candidate per request")
+    echo: Literal[False] = Field(False, description="Echoing the prompt is not supported")
+    logprobs: int | None = Field(None, ge=0, le=20)
+    logit_bias: dict[str, float] | None = None
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+
+    @model_validator(mode="after")
+    def _one_prompt(self) -> CompletionRequest:
+        if isinstance(self.prompt, list) and len(self.prompt) != 1:
+            raise ValueError("send one prompt (a string, or a list of exactly one)")
+        stops = [self.stop] if isinstance(self.stop, str) else self.stop or []
+        if len(stops) > 4 or any(not s for s in stops):
+            raise ValueError("stop takes up to 4 non-empty strings")
+        return self
+
+
+def _params(body: CompletionRequest, features: frozenset[str]) -> GenerationParams:
+    asked = {
+        "logit_bias": ("logit_bias", bool(body.logit_bias)),
+        "presence_penalty": ("penalties", bool(body.presence_penalty)),
+        "frequency_penalty": ("penalties", bool(body.frequency_penalty)),
+        "logprobs": ("logprobs", body.logprobs is not None),
+    }
+    for field, (feature, given) in asked.items():
+        if given and feature not in features:
+            raise InvalidRequestError(f"this backend does not support {field}", param=field)
+    bias = {}
+    for key, value in (body.logit_bias or {}).items():
+        if not key.isdigit() or not -100 <= value <= 100:
+            raise InvalidRequestError(
+                "logit_bias maps token ids (digits) to a bias between -100 and 100",
+                param="logit_bias",
+            )
+        bias[int(key)] = value
+    return GenerationParams(
+        max_tokens=body.max_tokens,
+        temperature=body.temperature,
+        top_p=body.top_p,
+        stop=[body.stop] if isinstance(body.stop, str) else list(body.stop or []),
+        seed=body.seed,
+        logit_bias=bias,
+        presence_penalty=body.presence_penalty,
+        frequency_penalty=body.frequency_penalty,
+        logprobs=body.logprobs is not None,
+        top_logprobs=body.logprobs or 0,
+    )
+
+
+def _legacy_logprobs(entries, offset: int = 0) -> dict:
+    """OpenAI's legacy ``logprobs`` object: parallel lists per token."""
+    tokens = [e.token.decode("utf-8", errors="replace") for e in entries]
+    offsets, at = [], offset
+    for t in tokens:
+        offsets.append(at)
+        at += len(t)
+    return {
+        "tokens": tokens,
+        "token_logprobs": [e.logprob for e in entries],
+        "top_logprobs": [
+            {b.decode("utf-8", errors="replace"): lp for b, lp in e.top} for e in entries
+        ],
+        "text_offset": offsets,
+    }
+
+
+@router.post("/v1/completions", summary="OpenAI legacy text completions (stream with SSE)")
+async def completions(body: CompletionRequest, request: Request):
+    state = request.app.state.server
+    backend = state.require_service().backend
+    if body.model != backend.model_id:
+        raise InvalidRequestError(
+            f"model {body.model!r} not found; completions use the served model "
+            f"{backend.model_id!r} (tasks answer on /v1/chat/completions)",
+            param="model",
+            code="model_not_found",
+        )
+    request.state.task = "model"
+    params = _params(body, backend.generation_features)
+    text = body.prompt if isinstance(body.prompt, str) else body.prompt[0]
+    try:
+        handle = backend.generate(Prompt((), (Segment(text, special=True),)), params)
+    except PromptTooLongError as exc:
+        raise to_api_error(exc, param="prompt") from exc
+    except ParamError as exc:
+        raise to_api_error(exc) from exc
+    cid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+    head = {"id": cid, "object": "text_completion", "created": created, "model": body.model}
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return StreamingResponse(
+            _stream(handle, head, include_usage, state),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+    try:
+        finished = await state.bounded(handle.result_async(), "the completion", request=request)
+    finally:
+        handle.cancel()
+    lp = _legacy_logprobs(finished.logprobs) if finished.logprobs is not None else None
+    choice = {"text": finished.result, "index": 0, "logprobs": lp}
+    choice["finish_reason"] = finished.reason
+    return {**head, "choices": [choice], "usage": UsageInfo.of(finished.usage).model_dump()}
+
+
+def _event(data: dict) -> str:
+    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+async def _stream(handle, head: dict, include_usage: bool, state) -> AsyncIterator[str]:
+    pending: list = []
+    offset = 0
+    try:
+        async for kind, value in state.bounded_iter(handle.aevents(), "the completion"):
+            if kind == "logprobs":
+                pending.extend(value)
+                continue
+            if kind == "text":
+                lp = _legacy_logprobs(pending, offset) if pending else None
+                pending.clear()
+                offset += len(value)
+                choice = {"text": value, "index": 0, "logprobs": lp, "finish_reason": None}
+                yield _event({**head, "choices": [choice]})
+                continue
+            choice = {"text": "", "index": 0, "logprobs": None, "finish_reason": value.reason}
+            yield _event({**head, "choices": [choice]})
+            if include_usage:
+                usage = UsageInfo.of(value.usage).model_dump()
+                yield _event({**head, "choices": [], "usage": usage})
+        yield DONE
+    except Exception as exc:  # one error event, then [DONE]
+        err = to_api_error(exc)
+        yield _event(envelope(err.message, err.type, err.code, err.param))
+        yield DONE
+    finally:
+        handle.cancel()
+
+
+class TokenizeRequest(NoEffectFields):
+    """POST /tokenize: llama.cpp's ``content`` or vLLM's ``prompt``."""
+
+    model: str | None = None
+    content: Text | None = None
+    prompt: Text | None = None
+    add_special: bool = Field(False, description="Parse control-token markup in the text")
+    with_pieces: bool = Field(False, description="Also return each token's text")
+
+    @model_validator(mode="after")
+    def _one_text(self) -> TokenizeRequest:
+        if (self.content is None) == (self.prompt is None):
+            raise ValueError("send the text as content (or prompt), one of them")
+        return self
+
+
+class DetokenizeRequest(NoEffectFields):
+    """POST /detokenize."""
+
+    model: str | None = None
+    tokens: list[int] = Field(max_length=1_000_000)
+
+
+@router.post("/tokenize", summary="Token ids of a text (llama.cpp / vLLM shape)")
+async def tokenize(body: TokenizeRequest, request: Request) -> dict:
+    backend = request.app.state.server.require_service().backend
+    text = body.content if body.content is not None else body.prompt
+    assert text is not None
+    try:
+        ids = backend.tokenize(text, special=body.add_special)
+    except ParamError as exc:
+        raise to_api_error(exc) from exc
+    out: dict = {"tokens": ids, "count": len(ids), "max_model_len": backend.context_tokens}
+    if body.with_pieces:
+        out["pieces"] = [backend.detokenize([t]) for t in ids]
+    return out
+
+
+class _Detokenized(BaseModel):
+    content: str
+    prompt: str
+
+
+@router.post("/detokenize", summary="The text of token ids (llama.cpp / vLLM shape)")
+async def detokenize(body: DetokenizeRequest, request: Request) -> _Detokenized:
+    backend = request.app.state.server.require_service().backend
+    try:
+        text = backend.detokenize(body.tokens)
+    except ParamError as exc:
+        raise to_api_error(exc) from exc
+    return _Detokenized(content=text, prompt=text)

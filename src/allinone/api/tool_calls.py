@@ -1,0 +1,181 @@
+"""Tool calls in the Hermes format that Qwen2.5's chat template teaches its models.
+
+The template (from the GGUF) renders the tool definitions and earlier calls; the model answers
+a call as ``<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>``. This module turns
+such replies into OpenAI ``tool_calls`` (whole or while streaming) and, when a call is required,
+writes the llguidance grammar that forces one: the tags, then JSON valid under a schema that
+names the function and embeds its own ``parameters`` schema (llguidance's ``%json``), so the
+arguments always parse and validate.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from allinone.api.protocol import FunctionCall, ToolCall, ToolDefinition
+
+OPEN, CLOSE = "<tool_call>", "</tool_call>"
+
+
+def template_speaks_tools(source: str | None) -> bool:
+    """Whether a chat template renders ``tools`` in the Hermes ``<tool_call>`` format."""
+    return bool(source) and "tools" in source and OPEN in source  # type: ignore[operator]
+
+
+def call_schema(tools: list[ToolDefinition], only: str | None = None) -> dict[str, Any]:
+    """JSON schema of one call object: ``{"name": <one of the functions>, "arguments": ...}``."""
+    options = []
+    for t in tools:
+        f = t.function
+        if only is not None and f.name != only:
+            continue
+        options.append(
+            {
+                "type": "object",
+                "properties": {
+                    "name": {"const": f.name},
+                    "arguments": f.parameters or {"type": "object"},
+                },
+                "required": ["name", "arguments"],
+                "additionalProperties": False,
+            }
+        )
+    return options[0] if len(options) == 1 else {"anyOf": options}
+
+
+def required_call_grammar(
+    tools: list[ToolDefinition], only: str | None = None, parallel: bool = True
+) -> str:
+    """Lark source (llguidance) for a reply of one call, or several with ``parallel``."""
+    call = f'call: "{OPEN}\\n" %json {json.dumps(call_schema(tools, only))} "\\n{CLOSE}"'
+    start = 'start: call ("\\n" call)*' if parallel and only is None else "start: call"
+    return f"{start}\n{call}\n"
+
+
+def new_call_id() -> str:
+    """A fresh tool-call id (OpenAI's ``call_`` prefix)."""
+    return f"call_{uuid.uuid4().hex[:24]}"
+
+
+def _to_call(body: str, names: set[str]) -> ToolCall | None:
+    """A ToolCall from one block's JSON, or None when it is not a call of a known function."""
+    try:
+        obj = json.loads(body)
+    except ValueError:
+        return None
+    if not isinstance(obj, dict) or obj.get("name") not in names:
+        return None
+    args = obj.get("arguments", {})
+    if isinstance(args, str):  # some models write the arguments as a JSON string
+        try:
+            args = json.loads(args)
+        except ValueError:
+            return None
+    if not isinstance(args, dict):
+        return None
+    arguments = json.dumps(args, ensure_ascii=False)
+    return ToolCall(id=new_call_id(), function=FunctionCall(name=obj["name"], arguments=arguments))
+
+
+def parse_tool_calls(text: str, names: set[str]) -> tuple[str | None, list[ToolCall]]:
+    """Split a whole reply into its content (None when only calls) and its tool calls.
+
+    A block that is not a well-formed call of a known function leaves the reply as plain
+    content, as vLLM's Hermes parser does: nothing is dropped."""
+    stream = ToolCallStream(names)
+    events = stream.feed(text) + stream.finish()
+    calls = [v for k, v in events if k == "call"]
+    content = "".join(v for k, v in events if k == "content")
+    if not calls:
+        return text, []
+    return (content.strip() or None), calls
+
+
+@dataclass
+class ToolCallStream:
+    """Splits streamed reply text into content pieces and finished tool calls.
+
+    ``feed`` returns events ``("content", str)`` and ``("call", ToolCall)``; text that may be
+    the start of ``<tool_call>`` is held until it is known, and whitespace between calls is
+    not reported as content."""
+
+    names: set[str]
+    buf: str = ""
+    inside: bool = False
+    pending_space: str = ""
+    n_calls: int = 0
+    bare: bool | None = None  # the reply opened with "{": maybe a call without its tags
+
+    def feed(self, text: str) -> list[tuple[str, Any]]:
+        self.buf += text
+        out: list[tuple[str, Any]] = []
+        if self.bare is None and self.buf.strip():
+            # Small models often answer a call as the bare JSON object, without the tags:
+            # such a reply is held whole and judged when it ends.
+            self.bare = self.buf.lstrip().startswith("{")
+        if self.bare is not False:
+            return out
+        while True:
+            if not self.inside:
+                at = self.buf.find(OPEN)
+                if at < 0:
+                    keep = _partial_suffix(self.buf, OPEN)
+                    self._content(self.buf[: len(self.buf) - keep], out)
+                    self.buf = self.buf[len(self.buf) - keep :]
+                    return out
+                self._content(self.buf[:at], out)
+                self.buf, self.inside = self.buf[at + len(OPEN) :], True
+            end = self.buf.find(CLOSE)
+            if end < 0:
+                return out
+            self._block(self.buf[:end], out)
+            self.buf, self.inside = self.buf[end + len(CLOSE) :], False
+
+    def finish(self) -> list[tuple[str, Any]]:
+        """Events for what is left when the reply ends (a last call may lack its close tag)."""
+        out: list[tuple[str, Any]] = []
+        if self.bare:
+            call = _to_call(self.buf, self.names)
+            self.bare = False
+            if call is not None:
+                self.buf = ""
+                self.n_calls += 1
+                return [("call", call)]
+            return self.feed("") + self.finish()
+        if self.inside:
+            self._block(self.buf, out, closed=False)
+        else:
+            self._content(self.buf, out)
+            if self.pending_space and not self.n_calls:
+                out.append(("content", self.pending_space))
+        self.buf, self.inside, self.pending_space = "", False, ""
+        return out
+
+    def _content(self, text: str, out: list[tuple[str, Any]]) -> None:
+        # Trailing whitespace waits: it is content only if more text follows, not a call.
+        body = text.rstrip()
+        if body:
+            out.append(("content", self.pending_space + body))
+            self.pending_space = ""
+        self.pending_space += text[len(body) :]
+
+    def _block(self, body: str, out: list[tuple[str, Any]], closed: bool = True) -> None:
+        call = _to_call(body, self.names)
+        if call is None:
+            tail = CLOSE if closed else ""
+            self._content(OPEN + body + tail, out)
+            return
+        self.n_calls += 1
+        self.pending_space = ""
+        out.append(("call", call))
+
+
+def _partial_suffix(text: str, tag: str) -> int:
+    """Length of the longest end of ``text`` that is a proper start of ``tag``."""
+    for n in range(min(len(tag) - 1, len(text)), 0, -1):
+        if text.endswith(tag[:n]):
+            return n
+    return 0

@@ -1,0 +1,106 @@
+"""Tool calls: parsing replies in the Hermes format, whole and streamed, and the required-call
+grammar's schema (pure functions; the engine's side is in tests/integration/test_openai_surface)."""
+
+from __future__ import annotations
+
+import json
+
+from allinone.api.protocol import ToolDefinition
+from allinone.api.tool_calls import (
+    ToolCallStream,
+    call_schema,
+    parse_tool_calls,
+    required_call_grammar,
+)
+
+NAMES = {"get_weather", "add"}
+CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+
+
+def test_a_reply_of_one_call_has_no_content():
+    content, calls = parse_tool_calls(CALL, NAMES)
+    assert content is None
+    assert [c.function.name for c in calls] == ["get_weather"]
+    assert json.loads(calls[0].function.arguments) == {"city": "Paris"}
+    assert calls[0].id.startswith("call_")
+
+
+def test_two_calls_and_text_around_them():
+    add = '<tool_call>\n{"name": "add", "arguments": {"a": 1, "b": 2}}\n</tool_call>'
+    content, calls = parse_tool_calls(f"Let me check.\n{CALL}\n{add}", NAMES)
+    assert content == "Let me check."
+    assert [c.function.name for c in calls] == ["get_weather", "add"]
+    assert len({c.id for c in calls}) == 2
+
+
+def test_an_unknown_function_or_bad_json_leaves_the_reply_as_text():
+    for text in (
+        '<tool_call>\n{"name": "launch", "arguments": {}}\n</tool_call>',
+        "<tool_call>\n{not json}\n</tool_call>",
+        '<tool_call>\n{"name": "add", "arguments": [1, 2]}\n</tool_call>',
+    ):
+        content, calls = parse_tool_calls(text, NAMES)
+        assert calls == [] and content == text
+
+
+def test_arguments_written_as_a_json_string_are_accepted():
+    text = '<tool_call>{"name": "add", "arguments": "{\\"a\\": 1}"}</tool_call>'
+    _, calls = parse_tool_calls(text, NAMES)
+    assert json.loads(calls[0].function.arguments) == {"a": 1}
+
+
+def test_a_last_call_without_its_close_tag_still_counts():
+    _, calls = parse_tool_calls(CALL.removesuffix("</tool_call>"), NAMES)
+    assert len(calls) == 1
+
+
+def test_streamed_pieces_give_the_same_calls_and_hold_back_a_partial_tag():
+    text = f"Sure. {CALL}\n{CALL}"
+    for size in (1, 3, 7, 50):
+        stream = ToolCallStream(NAMES)
+        events = []
+        for i in range(0, len(text), size):
+            got = stream.feed(text[i : i + size])
+            # no piece of the tag ever leaks out as content
+            assert all("<" not in v for k, v in got if k == "content")
+            events += got
+        events += stream.finish()
+        assert "".join(v for k, v in events if k == "content") == "Sure."
+        assert [v.function.name for k, v in events if k == "call"] == ["get_weather"] * 2
+
+
+def test_plain_text_streams_through_unchanged():
+    stream = ToolCallStream(NAMES)
+    text = "No tools needed: 2 < 3 and <b> is bold.\n"
+    events = [e for ch in text for e in stream.feed(ch)] + stream.finish()
+    assert "".join(v for _, v in events) == text
+
+
+def _tools() -> list[ToolDefinition]:
+    return [
+        ToolDefinition.model_validate(
+            {"type": "function", "function": {"name": n, "parameters": {"type": "object"}}}
+        )
+        for n in ("get_weather", "add")
+    ]
+
+
+def test_the_call_schema_names_one_function_or_any_of_them():
+    one = call_schema(_tools(), only="add")
+    assert one["properties"]["name"] == {"const": "add"}
+    both = call_schema(_tools())
+    assert [o["properties"]["name"]["const"] for o in both["anyOf"]] == ["get_weather", "add"]
+    assert "call (" in required_call_grammar(_tools(), None, parallel=True)
+    assert "start: call\n" in required_call_grammar(_tools(), "add", parallel=True)
+
+
+def test_a_reply_that_is_only_a_call_object_counts_without_tags():
+    text = ' {"name": "get_weather", "arguments": {"city": "Paris"}}'
+    content, calls = parse_tool_calls(text, NAMES)
+    assert content is None and calls[0].function.name == "get_weather"
+    stream = ToolCallStream(NAMES)
+    events = [e for ch in text for e in stream.feed(ch)] + stream.finish()
+    assert [k for k, _ in events] == ["call"]
+    # JSON that is not a call stays text, whole
+    other = '{"answer": 42}'
+    assert parse_tool_calls(other, NAMES) == (other, [])
