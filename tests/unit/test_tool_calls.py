@@ -8,7 +8,6 @@ import json
 from allinone.api.protocol import ToolDefinition
 from allinone.api.tool_calls import (
     ToolCallStream,
-    call_schema,
     parse_tool_calls,
     required_call_grammar,
 )
@@ -85,13 +84,13 @@ def _tools() -> list[ToolDefinition]:
     ]
 
 
-def test_the_call_schema_names_one_function_or_any_of_them():
-    one = call_schema(_tools(), only="add")
-    assert one["properties"]["name"] == {"const": "add"}
-    both = call_schema(_tools())
-    assert [o["properties"]["name"]["const"] for o in both["anyOf"]] == ["get_weather", "add"]
-    assert "call (" in required_call_grammar(_tools(), None, parallel=True)
-    assert "start: call\n" in required_call_grammar(_tools(), "add", parallel=True)
+def test_the_required_call_grammar_is_one_call_of_one_function_or_any_of_them():
+    both = required_call_grammar(_tools())
+    assert "start: call\n" in both and "call: call_0 | call_1" in both
+    assert '"name\\": \\"add\\"' in both and '"<tool_call>"' in both
+    one = required_call_grammar(_tools(), "add", tag_ids=(7, 8))
+    assert "call: call_0\n" in one and "get_weather" not in one
+    assert one.count("<[7]>") == 1 and one.count("<[8]>") == 1
 
 
 def test_a_reply_that_is_only_a_call_object_counts_without_tags():

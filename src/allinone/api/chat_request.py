@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from allinone.api.protocol import ChatCompletionRequest
-from allinone.api.tool_calls import CLOSE, required_call_grammar, template_speaks_tools
+from allinone.api.tool_calls import CLOSE, OPEN, required_call_grammar, template_speaks_tools
 from allinone.backends.base import Backend, GrammarError
 from allinone.errors import InvalidRequestError
 
@@ -136,13 +136,19 @@ async def chat_options(body: ChatCompletionRequest, backend: Backend) -> ChatOpt
             )
         if choice == "required" or only is not None:
             _require(backend, "grammar", "tool_choice")
-            source = required_call_grammar(body.tools, only, body.parallel_tool_calls)
+            source = required_call_grammar(body.tools, only, _tag_ids(backend))
             out.options["grammar"] = await _compile(backend.lark_grammar, source, "tools")
         elif not body.parallel_tool_calls:
             out.stop.append(CLOSE)  # one call at most: stop where the first one closes
     elif body.tools:  # tool_choice "none": the model answers in text, as if it had no tools
         pass
     return out
+
+
+def _tag_ids(backend: Backend) -> tuple[int, int] | None:
+    """The ids of ``<tool_call>`` and ``</tool_call>`` when each is one vocabulary token."""
+    ids = [backend.tokenize(tag, special=True) for tag in (OPEN, CLOSE)]
+    return (ids[0][0], ids[1][0]) if all(len(i) == 1 for i in ids) else None
 
 
 async def _compile(compile_fn, source: Any, param: str) -> Any:

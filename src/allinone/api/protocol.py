@@ -443,10 +443,9 @@ class ModelList(BaseModel):
     models: list[ModelMetadata] = Field(default_factory=list)
 
 
-class ClassifyRequest(BaseModel):
+class ClassifyRequest(NoEffectFields):
     """POST /v1/classify: one text or a list of texts for a classify task."""
 
-    model_config = ConfigDict(extra="forbid")
     task: Text = Field("sentiment", min_length=1, description="A classify task's name")
     input: Text | list[Text] = Field(description="Text, or a list of texts classified in order")
 
@@ -479,10 +478,9 @@ class ClassifyResponse(BaseModel):
     latency_ms: float
 
 
-class ExtractRequest(BaseModel):
+class ExtractRequest(NoEffectFields):
     """POST /v1/extract: one text for an extract task."""
 
-    model_config = ConfigDict(extra="forbid")
     task: Text = Field("summarize", min_length=1, description="An extract task's name")
     input: Text = Field(description="The text (e.g. a transcript) to extract from")
 

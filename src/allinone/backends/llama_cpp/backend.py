@@ -81,7 +81,7 @@ class LlamaCppBackend(Backend):
         self.rt.warm_up()
         log.info("llama.cpp: %s", self.rt.system_info())
         self._template = ChatTemplate(self.rt.chat_template(), self.rt.bos_token())
-        self._grammars = GrammarCompiler(self.rt.vocab, self.rt.n_vocab)
+        self._grammars = GrammarCompiler(self.rt.vocab, self.rt.n_vocab, self.rt.is_eog)
         if s.grammar_prewarm:
             # llguidance's view of a 152k vocabulary takes seconds to build: do it now, beside
             # serving, so the first structured request does not wait for it.

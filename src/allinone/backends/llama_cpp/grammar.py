@@ -77,9 +77,10 @@ class TokenMatcher:
 class GrammarCompiler:
     """Compiles JSON schemas and Lark grammars for one vocabulary (thread-safe)."""
 
-    def __init__(self, vocab: Any, n_vocab: int) -> None:
+    def __init__(self, vocab: Any, n_vocab: int, is_eog: Any) -> None:
         self._vocab = vocab
         self.n_vocab = n_vocab
+        self._is_eog = is_eog
         self._tokenizer: Any = None
         self.slices: list[str] | None = None
         self._lock = threading.Lock()
@@ -90,7 +91,12 @@ class GrammarCompiler:
             if self._tokenizer is None:
                 from llguidance.llamacpp import lltokenizer_from_vocab
 
-                self._tokenizer = lltokenizer_from_vocab(self._vocab, slices=self.slices)
+                # Every end-of-generation token ends a grammar's reply: Qwen's chat turns end
+                # with <|im_end|>, not with the vocabulary's EOS (<|endoftext|>).
+                eog = [t for t in range(self.n_vocab) if self._is_eog(t)]
+                self._tokenizer = lltokenizer_from_vocab(
+                    self._vocab, eos_token=eog or None, slices=self.slices
+                )
             return self._tokenizer
 
     def json_schema(self, schema: dict[str, Any] | None) -> TokenGrammar:
