@@ -69,9 +69,26 @@ class Pet(BaseModel):
     owner: Owner
 
 
+PET_TASK = """
+name = "pet-card"
+kind = "chat"
+system = "You turn descriptions of pets into records."
+[output]
+max_tokens = 120
+json_schema = %s
+"""
+
+
 @pytest.fixture(scope="module")
-def server(default_model_path):
-    env = {"ALLINONE_MODEL_ID": MODEL, "ALLINONE_CTX_PER_SEQ": "2048"}
+def server(default_model_path, tmp_path_factory):
+    tasks = tmp_path_factory.mktemp("tasks")
+    schema = json.dumps(Pet.model_json_schema())
+    (tasks / "pet-card.toml").write_text(PET_TASK % json.dumps(schema), encoding="utf-8")
+    env = {
+        "ALLINONE_MODEL_ID": MODEL,
+        "ALLINONE_CTX_PER_SEQ": "2048",
+        "ALLINONE_TASKS_DIR": str(tasks),
+    }
     with ServerProcess.running(str(default_model_path), env) as srv:
         yield srv
 
@@ -124,6 +141,14 @@ def test_a_streamed_schema_reply_validates_when_joined(client):
     )
     text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
     Pet.model_validate_json(text)
+
+
+def test_a_chat_task_with_a_schema_answers_json_under_it(client):
+    done = client.chat.completions.create(
+        model="pet-card", messages=_ask("Luna is a 4 year old cat; owner Eva, Madrid.")
+    )
+    pet = Pet.model_validate_json(done.choices[0].message.content)
+    assert pet.kind is Kind.cat
 
 
 def test_a_schema_the_engine_cannot_compile_is_refused_by_name(client):
@@ -232,7 +257,7 @@ def test_a_tool_round_trip_answers_from_the_tool_result(client):
     done = client.chat.completions.create(
         model=MODEL, messages=messages, tools=TOOLS, max_tokens=60
     )
-    assert done.choices[0].finish_reason == "stop"
+    assert done.choices[0].message.tool_calls is None
     assert "31" in done.choices[0].message.content
 
 

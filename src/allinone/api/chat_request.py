@@ -86,10 +86,13 @@ def _require(backend: Backend, feature: str, param: str) -> None:
         )
 
 
-async def chat_options(body: ChatCompletionRequest, backend: Backend) -> ChatOptions:
+async def chat_options(
+    body: ChatCompletionRequest, backend: Backend, task_schema: dict | None = None
+) -> ChatOptions:
     """Check and compile everything beyond messages and temperature. Grammars compile in a
     worker thread (the first one may wait for the vocabulary index). 400 naming the field for
-    anything the backend cannot honour or a schema that cannot be compiled."""
+    anything the backend cannot honour or a schema that cannot be compiled. ``task_schema``:
+    a chat task's ``output.json_schema``, used when the client sends no response_format."""
     out = ChatOptions()
     if body.logit_bias:
         _require(backend, "logit_bias", "logit_bias")
@@ -117,6 +120,9 @@ async def chat_options(body: ChatCompletionRequest, backend: Backend) -> ChatOpt
         _require(backend, "grammar", "response_format")
         schema = fmt.json_schema.schema_ if fmt.json_schema is not None else None
         out.options["grammar"] = await _compile(backend.json_grammar, schema, "response_format")
+    elif task_schema is not None and fmt is None and not calling:
+        _require(backend, "grammar", "model")
+        out.options["grammar"] = await _compile(backend.json_grammar, task_schema or None, "model")
     if calling:
         assert body.tools is not None
         if not template_speaks_tools(backend.chat_template_source()):

@@ -249,7 +249,11 @@ class TransformersBackend(Backend):
     def _generate(self, prefix, body, params: GenerationParams, handle: RequestHandle) -> None:
         torch = self.torch
         cache, cached = self._prefix_cache(prefix)
-        gen = torch.Generator().manual_seed(params.seed if params.seed is not None else 0)
+        gen = torch.Generator()
+        if params.seed is not None:
+            gen.manual_seed(params.seed)
+        else:
+            gen.seed()  # a fresh seed: only an explicit one may repeat a sample
         ids = body
         out_ids: list[int] = []
         text = ""

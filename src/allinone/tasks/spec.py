@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Literal
+import json
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class TaskError(ValueError):
@@ -49,6 +50,22 @@ class OutputLimits(BaseModel):
     max_chars: int | None = Field(
         None, ge=1, description="Most characters in a reply; the reply is cut there"
     )
+    json_schema: dict[str, Any] | None = Field(
+        None,
+        description="Chat tasks: every reply is JSON valid under this schema (structured "
+        "output, enforced token by token); {} for any JSON object. A client's own "
+        "response_format replaces it for that request. In TOML, a table or a JSON string",
+    )
+
+    @field_validator("json_schema", mode="before")
+    @classmethod
+    def _schema_text(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            try:
+                return json.loads(v)
+            except ValueError as exc:
+                raise ValueError(f"json_schema is not valid JSON: {exc}") from None
+        return v
 
 
 class OutputField(BaseModel):
@@ -170,6 +187,11 @@ class TaskSpec(BaseModel):
             raise ValueError(f"a {self.kind} task has no fields")
         if len({f.name for f in self.fields}) != len(self.fields):
             raise ValueError("field names must be distinct")
+        if self.output.json_schema is not None:
+            if self.kind != "chat":
+                raise ValueError("output.json_schema applies to chat tasks only")
+            if self.output.max_chars is not None:
+                raise ValueError("output.max_chars would cut a JSON reply; bound max_tokens")
         return self
 
     def prepare_input(self, text: str) -> str:

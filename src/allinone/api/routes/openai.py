@@ -103,7 +103,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     if task is not None and task.kind in ("classify", "extract"):
         _refuse_for_label_task(body, task)
         return await _answer_as_chat(state, request, service, task, messages, body)
-    extra = await chat_options(body, service.backend)
+    schema = task.output.json_schema if task is not None else None
+    extra = await chat_options(body, service.backend, schema)
     try:
         plan = service.plan_chat(
             task,
