@@ -244,7 +244,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
                 turns = [m for m in history if m["role"] != "system"]
                 drop = {id(m) for m in turns[: plan.dropped_messages]}
                 history = [m for m in history if id(m) not in drop]
-            handle = service.submit_chat(plan)
+            (handle,) = service.submit_chat(plan)
             reply = []
             for kind, value in handle.events():
                 if kind == "text":

@@ -387,6 +387,6 @@ class TaskService:
         room = self.backend.context_tokens - system - min(reply, 256) - 2 * MESSAGE_OVERHEAD_TOKENS
         return max(0, min(wanted, room))
 
-    def submit_chat(self, plan: ChatPlan) -> RequestHandle:
-        """Queue a planned chat; the handle streams text."""
-        return self.backend.generate(plan.prompt, plan.params)
+    def submit_chat(self, plan: ChatPlan, n: int = 1) -> list[RequestHandle]:
+        """Queue a planned chat for ``n`` choices; each handle streams one choice's text."""
+        return self.backend.generate_n(plan.prompt, plan.params, n)

@@ -85,7 +85,7 @@ def test_concurrent_chats_all_honour_the_task_caps(service):
             "你好",
         ]
     ]
-    handles = [service.submit_chat(p) for p in plans]
+    handles = [service.submit_chat(p)[0] for p in plans]
     for h in handles:
         fin = h.result(timeout=180)
         assert 0 < len(fin.result) <= task.output.max_chars

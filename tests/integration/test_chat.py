@@ -7,7 +7,7 @@ def reply(service, task_name, messages, **kw):
     task = service.tasks.get(task_name) if task_name else None
     plan = service.plan_chat(task, messages, **kw)
     parts, fin = [], None
-    for kind, value in service.submit_chat(plan).events(timeout=120):
+    for kind, value in service.submit_chat(plan)[0].events(timeout=120):
         if kind == "text":
             parts.append(value)
         else:

@@ -443,3 +443,29 @@ def test_a_model_whose_template_has_no_tools_refuses_them_by_name(tiny_server):
     reply = r.json()["choices"][0]
     if reply["finish_reason"] == "stop":
         assert isinstance(json.loads(reply["message"]["content"]), dict)
+
+
+# -- n ---------------------------------------------------------------------------------------
+
+
+def test_n_choices_plain_and_streamed(client):
+    ask = _ask("Name a random fruit.")
+    done = client.chat.completions.create(
+        model=MODEL, messages=ask, n=3, temperature=1.0, max_tokens=8
+    )
+    assert [c.index for c in done.choices] == [0, 1, 2]
+    assert done.usage.completion_tokens <= 3 * 8
+    stream = client.chat.completions.create(
+        model=MODEL, messages=ask, n=2, max_tokens=8, stream=True
+    )
+    text: dict[int, str] = {}
+    finished = set()
+    for chunk in stream:
+        for c in chunk.choices:
+            text[c.index] = text.get(c.index, "") + (c.delta.content or "")
+            if c.finish_reason:
+                finished.add(c.index)
+    assert finished == {0, 1} and text[0] == text[1]  # greedy: both choices agree
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model=MODEL, messages=ask, n=16, max_tokens=2)
+    assert err.value.body["param"] == "n"

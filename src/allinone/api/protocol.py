@@ -170,7 +170,7 @@ class ChatCompletionRequest(NoEffectFields):
     stop: Text | list[Text] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int = Field(1, ge=1, le=1, description="Only one choice per request")
+    n: int = Field(1, ge=1, le=16, description="Choices; at most the server's parallel slots")
     seed: int | None = None
     response_format: ResponseFormat | None = None
     tools: list[ToolDefinition] | None = Field(None, max_length=128)
@@ -372,7 +372,11 @@ class ChunkStream:
         return f"data: {chunk.model_dump_json(exclude_unset=True)}\n\n"
 
     def delta(
-        self, content: str, role: bool = False, logprobs: ChoiceLogprobs | None = None
+        self,
+        content: str,
+        role: bool = False,
+        logprobs: ChoiceLogprobs | None = None,
+        index: int = 0,
     ) -> str:
         """A chunk that adds ``content`` (and opens the assistant's message with ``role``),
         with the log-probabilities of its tokens when the request asked for them."""
@@ -381,22 +385,22 @@ class ChunkStream:
             if role
             else DeltaMessage(content=content)
         )
-        choice = ChunkChoice(index=0, delta=d, finish_reason=None)
+        choice = ChunkChoice(index=index, delta=d, finish_reason=None)
         if logprobs is not None:
             choice.logprobs = logprobs
         return self.sse(self._chunk([choice]))
 
-    def tool_call(self, index: int, call: ToolCall) -> str:
+    def tool_call(self, index: int, call: ToolCall, choice: int = 0) -> str:
         """A chunk with one whole tool call (OpenAI's indexed delta: id, name, arguments)."""
         fn = DeltaFunction(name=call.function.name, arguments=call.function.arguments)
         d = DeltaMessage(
             tool_calls=[DeltaToolCall(index=index, id=call.id, type="function", function=fn)]
         )
-        return self.sse(self._chunk([ChunkChoice(index=0, delta=d, finish_reason=None)]))
+        return self.sse(self._chunk([ChunkChoice(index=choice, delta=d, finish_reason=None)]))
 
-    def finish(self, reason: str) -> str:
-        """The chunk that ends the choice with its finish reason."""
-        choice = ChunkChoice(index=0, delta=DeltaMessage(), finish_reason=reason)
+    def finish(self, reason: str, index: int = 0) -> str:
+        """The chunk that ends a choice with its finish reason."""
+        choice = ChunkChoice(index=index, delta=DeltaMessage(), finish_reason=reason)
         return self.sse(self._chunk([choice]))
 
     def usage(self, usage: UsageInfo) -> str:

@@ -47,7 +47,7 @@ def required_call_grammar(
             json.dumps(CLOSE),
         )
     )
-    rules = []
+    rules: list[str] = []
     for t in tools:
         f = t.function
         if only is not None and f.name != only:

@@ -9,6 +9,7 @@ so no caller ever blocks the engine or the event loop.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import queue
 import threading
 from abc import ABC, abstractmethod
@@ -289,6 +290,21 @@ class Backend(ABC):
     def lark_grammar(self, source: str) -> Any:
         """A compiled grammar from Lark source (llguidance's dialect); GrammarError as above."""
         raise GrammarError(f"the {self.name} backend cannot constrain its output to a grammar")
+
+    def generate_n(self, prompt: Prompt, params: GenerationParams, n: int) -> list[RequestHandle]:
+        """``n`` replies to one prompt (OpenAI's ``n``), one handle each. With a seed, choice
+        ``i`` samples with ``seed + i``. This default submits ``n`` requests; the llama.cpp
+        engine evaluates the prompt once and gives each choice a copy of its cells."""
+        handles: list[RequestHandle] = []
+        try:
+            for i in range(n):
+                seed = None if params.seed is None else params.seed + i
+                handles.append(self.generate(prompt, dataclasses.replace(params, seed=seed)))
+        except BaseException:
+            for h in handles:
+                h.cancel()
+            raise
+        return handles
 
     def chat_template_source(self) -> str | None:
         """The Jinja source of the chat template in use (None before load)."""

@@ -6,6 +6,7 @@ system prompt, history budget and reply caps; a classify task answers with one o
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import json
 import logging
@@ -117,7 +118,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
             tools=extra.tools,
             options=extra.options,
         )
-        handle = service.submit_chat(plan)
+        handles = service.submit_chat(plan, body.n)
     except (TaskError, PromptTooLongError) as exc:
         raise to_api_error(exc, param="messages") from exc
     except ParamError as exc:
@@ -125,32 +126,37 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return StreamingResponse(
-            _stream(handle, body.model, include_usage, state, extra.tool_names),
+            _stream(handles, body.model, include_usage, state, extra.tool_names),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
     try:
-        finished = await state.bounded(handle.result_async(), "the reply", request=request)
+        done = await state.bounded(
+            asyncio.gather(*(h.result_async() for h in handles)), "the reply", request=request
+        )
     finally:
-        handle.cancel()  # timeout, drain deadline or client gone: free the sequence
-    content, calls = finished.result, None
-    reason = finished.reason
-    if extra.tool_names is not None:
-        content, found = parse_tool_calls(finished.result, extra.tool_names)
-        if found:
-            calls, reason = found, "tool_calls"
-    logprobs = ChoiceLogprobs.of(finished.logprobs) if finished.logprobs is not None else None
-    return ChatCompletionResponse(
-        model=body.model,
-        choices=[
-            Choice(
-                message=ChatCompletionMessage(content=content, tool_calls=calls),
-                finish_reason=reason,
-                logprobs=logprobs,
-            )
-        ],
-        usage=UsageInfo.of(finished.usage),
-    )
+        for h in handles:  # timeout, drain deadline or client gone: free the sequences
+            h.cancel()
+    choices = []
+    for i, finished in enumerate(done):
+        content, calls = finished.result, None
+        reason = finished.reason
+        if extra.tool_names is not None:
+            content, found = parse_tool_calls(finished.result, extra.tool_names)
+            if found:
+                calls, reason = found, "tool_calls"
+        lp = ChoiceLogprobs.of(finished.logprobs) if finished.logprobs is not None else None
+        message = ChatCompletionMessage(content=content, tool_calls=calls)
+        choices.append(Choice(index=i, message=message, finish_reason=reason, logprobs=lp))
+    return ChatCompletionResponse(model=body.model, choices=choices, usage=_usage(done))
+
+
+def _usage(done: list) -> UsageInfo:
+    """One request's usage over all its choices: the prompt once, every choice's tokens."""
+    usage = UsageInfo.of(done[0].usage)
+    usage.completion_tokens = sum(f.usage.completion_tokens for f in done)
+    usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
+    return usage
 
 
 def _refuse_for_label_task(body: ChatCompletionRequest, task: TaskSpec) -> None:
@@ -175,9 +181,33 @@ def _refuse_for_label_task(body: ChatCompletionRequest, task: TaskSpec) -> None:
 
 
 async def _stream(
-    handle, model: str, include_usage: bool, state, tool_names: set[str] | None = None
+    handles: list, model: str, include_usage: bool, state, tool_names: set[str] | None = None
 ) -> AsyncIterator[str]:
+    """SSE chunks of every choice, one choice after another (each generates meanwhile in the
+    engine, so a later choice's chunks are ready when its turn comes)."""
     out = ChunkStream(model)
+    done: list = []
+    try:
+        yield out.delta("", role=True)
+        for index, handle in enumerate(handles):
+            async for chunk in _choice_chunks(out, handle, index, state, tool_names, done):
+                yield chunk
+        if include_usage:
+            yield out.usage(_usage(done))
+        yield DONE
+    except Exception as exc:  # a failure mid-stream ends it with one error event, then [DONE]
+        err = to_api_error(exc)
+        yield _sse(envelope(err.message, err.type, err.code, err.param))
+        yield DONE
+    finally:
+        for handle in handles:
+            handle.cancel()
+
+
+async def _choice_chunks(
+    out: ChunkStream, handle, index: int, state, tool_names: set[str] | None, done: list
+) -> AsyncIterator[str]:
+    """One choice's chunks: content (with its tokens' logprobs), tool calls, its finish."""
     calls = ToolCallStream(tool_names) if tool_names is not None else None
     n_calls = 0
     pending_lp: list = []
@@ -187,38 +217,29 @@ async def _stream(
         chunks = []
         for kind, value in events:
             if kind == "content":
-                chunks.append(out.delta(value, logprobs=_take(pending_lp)))
+                chunks.append(out.delta(value, logprobs=_take(pending_lp), index=index))
             else:
-                chunks.append(out.tool_call(n_calls, value))
+                chunks.append(out.tool_call(n_calls, value, choice=index))
                 n_calls += 1
         return chunks
 
-    try:
-        yield out.delta("", role=True)
-        async for kind, value in state.bounded_iter(handle.aevents(), "the reply"):
-            if kind == "logprobs":
-                pending_lp.extend(value)
-                continue
-            if kind == "text":
-                events = calls.feed(value) if calls is not None else [("content", value)]
-                for chunk in emit(events):
-                    yield chunk
-                continue
-            if calls is not None:
-                for chunk in emit(calls.finish()):
-                    yield chunk
-            if pending_lp:  # tokens whose text went into tool calls
-                yield out.delta("", logprobs=_take(pending_lp))
-            yield out.finish("tool_calls" if n_calls else value.reason)
-            if include_usage:
-                yield out.usage(UsageInfo.of(value.usage))
-        yield DONE
-    except Exception as exc:  # a failure mid-stream ends it with one error event, then [DONE]
-        err = to_api_error(exc)
-        yield _sse(envelope(err.message, err.type, err.code, err.param))
-        yield DONE
-    finally:
-        handle.cancel()
+    if index > 0:
+        yield out.delta("", role=True, index=index)
+    async for kind, value in state.bounded_iter(handle.aevents(), "the reply"):
+        if kind == "logprobs":
+            pending_lp.extend(value)
+            continue
+        if kind == "text":
+            for chunk in emit(calls.feed(value) if calls is not None else [("content", value)]):
+                yield chunk
+            continue
+        if calls is not None:
+            for chunk in emit(calls.finish()):
+                yield chunk
+        if pending_lp:  # tokens whose text went into tool calls
+            yield out.delta("", logprobs=_take(pending_lp), index=index)
+        yield out.finish("tool_calls" if n_calls else value.reason, index=index)
+        done.append(value)
 
 
 def _take(entries: list) -> ChoiceLogprobs | None:

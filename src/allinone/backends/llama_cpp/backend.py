@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -241,12 +242,40 @@ class LlamaCppBackend(Backend):
                 "POST /tokenize gives the ids of a text",
                 "logit_bias",
             )
+        return self._loop().submit(self._generate_request(prompt, params))
+
+    def _generate_request(self, prompt: Prompt, params: GenerationParams) -> Request:
         req = self._request("generate", prompt, 1)
         # Cap the reply to the room left rather than failing a long conversation outright.
         room = self.settings.ctx_per_seq - len(req.prompt)
         params.max_tokens = min(params.max_tokens, room)
         req.params = params
-        return self._loop().submit(req)
+        return req
+
+    def generate_n(self, prompt: Prompt, params: GenerationParams, n: int) -> list[RequestHandle]:
+        if n == 1:
+            return [self.generate(prompt, params)]
+        if not 1 <= n <= self.settings.parallel:
+            raise ParamError(
+                f"n={n}: this server runs {self.settings.parallel} sequences at once "
+                "(ALLINONE_PARALLEL), so n is at most that",
+                "n",
+            )
+        req = self._generate_request(prompt, params)
+        for i in range(1, n):
+            # each choice samples with its own seed (seed + i when the request sent one)
+            seed = None if params.seed is None else params.seed + i
+            fork = Request(
+                kind="generate",
+                handle=RequestHandle(),
+                prefix_key=req.prefix_key,
+                prefix_tokens=req.prefix_tokens,
+                body_tokens=req.body_tokens,
+                params=dataclasses.replace(req.params, seed=seed),
+            )
+            req.forks.append(fork)
+        self._loop().submit(req)
+        return [req.handle, *(f.handle for f in req.forks)]
 
     def _request(self, kind: str, prompt: Prompt, n_new: int) -> Request:
         """Tokenize a prompt (prefix cached) into an engine request, checking it fits."""

@@ -28,6 +28,7 @@ A request's life (``RequestState``), each transition made by one method:
 | WAITING | PREFILL | ``_start_request``: a slot, reused or cached cells, the rest to evaluate |
 | WAITING | FINISHED_CANCELLED | ``_start_request``: cancelled while it waited |
 | PREFILL | DECODE | ``_on_prompt_done``: a generation's first token is sampled |
+| WAITING (a fork) | DECODE | ``_on_prompt_done`` of its parent: prompt cells copied |
 | PREFILL | SCORE_BRANCHES | ``_on_prompt_done``: labels of several tokens go to scratch branches |
 | PREFILL, SCORE_BRANCHES | FINISHED_STOPPED | ``_on_prompt_done`` / ``_on_branches``: scores |
 | DECODE | FINISHED_STOPPED / _LENGTH | ``_on_token``: end of generation, stop string, caps |
@@ -122,6 +123,7 @@ class EngineLoop:
         ram = PromptCache(prompt_cache_bytes) if reuse_slots and prompt_cache_bytes else None
         self.seqs = SequencePools(rt, layout, ram, self.counters)
         self._active: list[Request] = []
+        self._held: Request | None = None  # taken from the queue, waiting for enough slots
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="allinone-engine", daemon=True)
         self.alive = False
@@ -157,13 +159,14 @@ class EngineLoop:
     def check_invariants(self) -> None:
         """Assert the engine is idle and its sequence pools match llama.cpp's cells (tests call
         this between requests). AssertionError names the first broken rule."""
-        assert not self._active and self._queue.empty(), "the engine is not idle"
+        idle = not self._active and self._queue.empty() and self._held is None
+        assert idle, "the engine is not idle"
         self.seqs.check_invariants()
 
     def stats(self) -> dict[str, int]:
         """Queue depth, active sequences and cumulative counters."""
         return {
-            "queue_depth": self._queue.qsize(),
+            "queue_depth": self._queue.qsize() + (self._held is not None),
             "active": len(self._active),
             "cached_prefixes": len(self.seqs.prefixes),
             "prompt_cache_entries": len(self.seqs.ram) if self.seqs.ram is not None else 0,
@@ -196,6 +199,9 @@ class EngineLoop:
     def _fail_all(self, exc: BaseException) -> None:
         for req in list(self._active):
             self._end(req, error=exc)
+        if self._held is not None:
+            self._end(self._held, error=exc)
+            self._held = None
         while True:
             try:
                 self._queue.get_nowait().handle.fail(exc)
@@ -204,10 +210,18 @@ class EngineLoop:
 
     def _admit(self) -> None:
         while self.seqs.free_slots:
-            try:
-                req = self._queue.get_nowait()
-            except queue.Empty:
+            req = self._held
+            if req is None:
+                try:
+                    req = self._queue.get_nowait()
+                except queue.Empty:
+                    return
+            # A request with forks (n > 1) starts when it can have all its slots at once (the
+            # backend refuses n above ``parallel``); the queue behind it waits, in order.
+            if len(req.forks) >= len(self.seqs.free_slots):
+                self._held = req
                 return
+            self._held = None
             self._start(req)
 
     def _start(self, req: Request) -> None:
@@ -218,8 +232,7 @@ class EngineLoop:
 
     def _start_request(self, req: Request) -> None:
         if req.handle.cancelled.is_set():
-            self.counters["cancelled"] += 1
-            req.handle.finish(Finished("cancelled", Usage()))
+            self._end(req, reason="cancelled")
             return
         if req.kind == "generate" and req.params.seed is not None:
             # Where a sequence's cells sit in the KV buffer changes the attention's rounding, so
@@ -250,6 +263,10 @@ class EngineLoop:
                 req.num_computed = req.n_past = 0
                 if req.pending_prefix >= 0:
                     req.ctx_base = len(req.prefix_tokens)
+        for fork in req.forks:  # their slots are reserved now, filled when the prompt is done
+            fork.slot = self.seqs.free_slots.pop(0)
+            self.seqs.save(fork.slot)
+            self.seqs.clear_slot(fork.slot)
         if req.kind == "generate":
             req.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
             # Without a seed (the request's, else the operator's ALLINONE_SEED) every request
@@ -421,6 +438,9 @@ class EngineLoop:
     def _on_prompt_done(self, req: Request, logits: np.ndarray) -> None:
         if req.kind == "generate":
             req.state = RequestState.DECODE
+            forks, req.forks = req.forks, []
+            for fork in forks:
+                self._start_fork(req, fork, logits)
             self._on_token(req, logits)
             return
         lp = log_softmax(logits)
@@ -431,6 +451,28 @@ class EngineLoop:
                 br.finished = not br.heads()
         req.state = RequestState.SCORE_BRANCHES
         self._end_if_scored(req)
+
+    def _start_fork(self, parent: Request, fork: Request, logits: np.ndarray) -> None:
+        """Another choice of ``parent`` (n > 1): its slot takes the parent's prompt cells and
+        it samples its first token from the same logits."""
+        if fork.handle.cancelled.is_set():
+            self._end(fork, reason="cancelled")
+            return
+        self.rt.seq_cp(parent.slot, fork.slot)
+        self.seqs.slot_tokens[fork.slot] = list(self.seqs.slot_tokens[parent.slot])
+        fork.num_computed, fork.n_past = parent.num_computed, parent.n_past
+        fork.cached_tokens = len(fork.prompt)  # evaluated once, for the parent
+        fork.ctx_base = parent.ctx_base
+        fork.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        fork.rng = np.random.default_rng(fork.params.seed)
+        if fork.params.grammar is not None:
+            fork.matcher = fork.params.grammar.matcher()
+        fork.state = RequestState.DECODE
+        self._active.append(fork)
+        try:
+            self._on_token(fork, logits)
+        except Exception as exc:  # this choice alone
+            self._fail_request(fork, exc)
 
     def _start_branches(self, req: Request) -> None:
         """Give the request's waiting branches, in order, scratch sequences holding a copy of
@@ -555,6 +597,9 @@ class EngineLoop:
         for br in req.branches:
             if not br.finished:
                 self._release_branch(req, br)
+        forks, req.forks = req.forks, []
+        for fork in forks:  # the parent ended before its prompt was done: so do its choices
+            self._end(fork, reason="cancelled" if error is None else reason, error=error)
         if req.pending_prefix >= 0:
             self.seqs.release_prefix(req.pending_prefix, len(req.prefix_tokens))
             req.pending_prefix = -1

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import threading
+import warnings
 from typing import Any
 
 import numpy as np
@@ -94,9 +95,11 @@ class GrammarCompiler:
                 # Every end-of-generation token ends a grammar's reply: Qwen's chat turns end
                 # with <|im_end|>, not with the vocabulary's EOS (<|endoftext|>).
                 eog = [t for t in range(self.n_vocab) if self._is_eog(t)]
-                self._tokenizer = lltokenizer_from_vocab(
-                    self._vocab, eos_token=eog or None, slices=self.slices
-                )
+                with warnings.catch_warnings():  # it calls a llama.cpp alias deprecated
+                    warnings.simplefilter("ignore", DeprecationWarning)  # in 0.3.36, per token
+                    self._tokenizer = lltokenizer_from_vocab(
+                        self._vocab, eos_token=eog or None, slices=self.slices
+                    )
             return self._tokenizer
 
     def json_schema(self, schema: dict[str, Any] | None) -> TokenGrammar:

@@ -170,6 +170,9 @@ class Request:
     branches: list[Branch] = field(default_factory=list)
     branch_cells: int = 0  # KV cells the running branches' scratch sequences hold
     nested_result: bool = False  # result: one list per branch (else the only branch's list)
+    # n > 1: the other choices, each with its own slot and handle; they take a copy of this
+    # request's prompt cells (``seq_cp``) when its prompt is done, so it is evaluated once
+    forks: list[Request] = field(default_factory=list)
     submitted_at: float = field(default_factory=time.monotonic)
 
     def __post_init__(self) -> None:
