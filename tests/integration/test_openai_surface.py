@@ -87,7 +87,7 @@ def server(default_model_path, tmp_path_factory):
     env = {
         "ALLINONE_MODEL_ID": MODEL,
         "ALLINONE_CTX_PER_SEQ": "2048",
-        "ALLINONE_TASKS_DIR": str(tasks),
+        "ALLINONE_TASKS_DIR": json.dumps([str(tasks)]),
     }
     with ServerProcess.running(str(default_model_path), env) as srv:
         yield srv

@@ -259,7 +259,6 @@ class Backend(ABC):
     def count_tokens(self, text: str) -> int:
         """Tokens ``text`` takes (used to bound chat history)."""
 
-    @abstractmethod
     def render_chat(
         self,
         messages: list[dict[str, Any]],
@@ -272,6 +271,10 @@ class Backend(ABC):
         the cacheable prefix. ``tools``: OpenAI-style function definitions, which the template
         renders in its own tool-use format; messages may then carry ``tool_calls`` (arguments
         as objects) and come with role ``tool``."""
+        template = getattr(self, "_template", None)
+        if template is None:
+            raise BackendError("the model is not loaded")
+        return template.render(messages, n_prefix_messages, tools)
 
     def failure(self) -> str | None:
         """Why the engine stopped serving, once it has (None while it runs)."""

@@ -152,14 +152,6 @@ class OpenAIRemoteBackend(Backend):
         # token; CJK characters are 3 bytes and usually one token) bounds chat history.
         return max(1, len(text.encode("utf-8")) // 3)
 
-    def render_chat(
-        self,
-        messages: list[dict[str, Any]],
-        n_prefix_messages: int,
-        tools: list[dict] | None = None,
-    ) -> Prompt:
-        return self._template.render(messages, n_prefix_messages, tools)
-
     def stats(self) -> dict[str, Any]:
         return {"upstream": self.base, "pending": self._pending, "choice_mode": self._mode}
 

@@ -108,14 +108,6 @@ class VLLMBackend(Backend):
     def count_tokens(self, text: str) -> int:
         return len(self.tok(text, add_special_tokens=False)["input_ids"])
 
-    def render_chat(
-        self,
-        messages: list[dict[str, Any]],
-        n_prefix_messages: int,
-        tools: list[dict] | None = None,
-    ) -> Prompt:
-        return self._template.render(messages, n_prefix_messages, tools)
-
     def stats(self) -> dict[str, Any]:
         return {"pending": self._pending}
 
