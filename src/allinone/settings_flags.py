@@ -63,10 +63,12 @@ def add_settings_flags(parser: argparse.ArgumentParser, *classes: type[BaseSetti
 
 def settings_from_flags(args: argparse.Namespace, cls: type[BaseSettings], **extra: Any):
     """An instance of ``cls`` with every flag that was given (and ``extra``) overriding."""
+    # An append flag given no value (``[]``) is "not given": it must not hide the env variable
+    # (ALLINONE_TASKS_DIR was ignored by ``serve`` that way).
     given = {
         name: getattr(args, name)
         for name in cls.model_fields
-        if getattr(args, name, None) is not None
+        if getattr(args, name, None) not in (None, [])
     }
     given.update({k: v for k, v in extra.items() if v is not None})
     return cls(**given)

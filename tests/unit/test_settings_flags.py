@@ -47,3 +47,15 @@ def test_an_unknown_backend_is_refused_at_once_with_the_valid_ones(capsys):
 def test_a_bad_choice_is_refused_by_the_parser():
     with pytest.raises(SystemExit):
         build_parser().parse_args(["serve", "--choice-mode", "nope"])
+
+
+def test_list_settings_come_from_the_environment_when_their_flag_is_not_given(
+    monkeypatch, tmp_path
+):
+    monkeypatch.setenv("ALLINONE_TASKS_DIR", f'["{tmp_path}"]')
+    monkeypatch.setenv("ALLINONE_CORS_ORIGINS", '["http://app.example"]')
+    settings = _settings(build_parser().parse_args(["serve"]))
+    assert settings.server.tasks_dir == [tmp_path]
+    assert settings.server.cors_origins == ["http://app.example"]
+    flagged = _settings(build_parser().parse_args(["serve", "--tasks-dir", "/x"]))
+    assert [str(p) for p in flagged.server.tasks_dir] == ["/x"]

@@ -103,3 +103,12 @@ def test_a_reply_that_is_only_a_call_object_counts_without_tags():
     # JSON that is not a call stays text, whole
     other = '{"answer": 42}'
     assert parse_tool_calls(other, NAMES) == (other, [])
+
+
+def test_bare_call_objects_one_per_line_are_parallel_calls():
+    one = '{"name": "get_weather", "arguments": {"city": "Paris"}}'
+    two = '{"name": "add", "arguments": {"a": 1, "b": 2}}'
+    _, calls = parse_tool_calls(f"{one}\n{two}\n", NAMES)
+    assert [c.function.name for c in calls] == ["get_weather", "add"]
+    cut = f'{one}\n{{"name": "add", "argu'  # cut by max_tokens: the reply stays text
+    assert parse_tool_calls(cut, NAMES) == (cut, [])

@@ -143,12 +143,15 @@ class ToolCallStream:
         """Events for what is left when the reply ends (a last call may lack its close tag)."""
         out: list[tuple[str, Any]] = []
         if self.bare:
-            call = _to_call(self.buf, self.names)
+            # one call object, or several, one per line (how the 0.5B model writes them)
             self.bare = False
-            if call is not None:
+            lines = [line for line in self.buf.splitlines() if line.strip()]
+            whole = _to_call(self.buf, self.names)
+            calls = [whole] if whole is not None else [_to_call(x, self.names) for x in lines]
+            if calls and all(c is not None for c in calls):
                 self.buf = ""
-                self.n_calls += 1
-                return [("call", call)]
+                self.n_calls += len(calls)
+                return [("call", c) for c in calls]
             return self.feed("") + self.finish()
         if self.inside:
             self._block(self.buf, out, closed=False)
