@@ -35,8 +35,9 @@ $(VENV)/.llama-flags: FORCE
 	@printf '%s|%s\n' "$$ALLINONE_LLAMA_CMAKE_ARGS" "$$ALLINONE_LLAMA_CFLAGS" | cmp -s - $@ || \
 	  printf '%s|%s\n' "$$ALLINONE_LLAMA_CMAKE_ARGS" "$$ALLINONE_LLAMA_CFLAGS" > $@
 
-$(VENV)/.stamp-dev: $(VENV)/.stamp-runtime requirements-dev.txt
+$(VENV)/.stamp-dev: $(VENV)/.stamp-runtime requirements-dev.txt requirements-dev-nodeps.txt
 	$(PIP) install -q -r requirements-dev.txt
+	$(PIP) install -q --no-deps -r requirements-dev-nodeps.txt
 	touch $@
 
 # The original design's stack (torch CPU + transformers): the transformers backend, its tests and
