@@ -79,7 +79,7 @@ BAD = [
     (
         "post",
         "/v1/chat/completions",
-        {"json": {"model": "chat", "messages": [{"role": "user", "content": "hi"}], "n": 3}},
+        {"json": {"model": "chat", "messages": [{"role": "user", "content": "hi"}], "n": 99}},
         400,
         "n",
     ),
