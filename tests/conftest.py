@@ -45,7 +45,10 @@ def tiny_model_path() -> Path:
 def _engine_settings(**over):
     from allinone.settings import EngineSettings
 
+    # no background grammar index: in-process backends come and go; tests that constrain
+    # build it on first use
     base = {"threads": 2, "parallel": 4, "ctx_per_seq": 1024, "max_queue": 64}
+    base["grammar_prewarm"] = False
     base.update(over)
     return EngineSettings(**base)
 

@@ -53,6 +53,7 @@ class LlamaCppBackend(Backend):
         self._prefix_tokens: OrderedDict[tuple, list[int]] = OrderedDict()
         self._lock = threading.Lock()
         self._grammars: GrammarCompiler | None = None
+        self._prewarm: threading.Thread | None = None
 
     @property
     def model_id(self) -> str:
@@ -86,9 +87,10 @@ class LlamaCppBackend(Backend):
         if s.grammar_prewarm:
             # llguidance's view of a 152k vocabulary takes seconds to build: do it now, beside
             # serving, so the first structured request does not wait for it.
-            threading.Thread(
+            self._prewarm = threading.Thread(
                 target=self._grammars.tokenizer, name="allinone-grammar", daemon=True
-            ).start()
+            )
+            self._prewarm.start()
         self.loop = EngineLoop(
             self.rt,
             parallel=s.parallel,
@@ -294,6 +296,11 @@ class LlamaCppBackend(Backend):
         return self.loop.stats() if self.loop else {}
 
     def close(self) -> None:
+        if self._prewarm is not None:
+            # It reads the model's vocabulary: the model must outlive it (a close during the
+            # build freed the vocabulary under it and crashed the process).
+            self._prewarm.join()
+            self._prewarm = None
         if self.loop is not None:
             self.loop.stop()
             self.loop = None
