@@ -25,11 +25,14 @@ def process_logits(
     presence and frequency penalties subtracted (``counts``: token id -> times generated so
     far; penalty = count * frequency_penalty + presence_penalty, as in OpenAI's API reference),
     and, under a grammar, every token it forbids at -inf. GrammarError if it forbids all."""
+    penalised = bool(counts) and bool(params.presence_penalty or params.frequency_penalty)
+    if not params.logit_bias and not penalised and matcher is None:
+        return logits  # nothing to do: no copy (a plain request allocates as it always did)
     x = logits.astype(np.float64)
     if params.logit_bias:
         ids = np.fromiter(params.logit_bias.keys(), dtype=np.int64)
         x[ids] += np.fromiter(params.logit_bias.values(), dtype=np.float64)
-    if counts and (params.presence_penalty or params.frequency_penalty):
+    if penalised:
         ids = np.fromiter(counts.keys(), dtype=np.int64)
         n = np.fromiter(counts.values(), dtype=np.float64)
         x[ids] -= n * params.frequency_penalty + params.presence_penalty
