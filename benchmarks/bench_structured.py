@@ -281,7 +281,6 @@ def main() -> None:
                     figs[key], valid[key] = rate(c, srv.url, "m", schema, streams, args.rounds)
                     print(key, round(figs[key], 1), "tok/s")
             result["tool_choice_auto"] = tool_accuracy(c, srv.url, "m")
-            srv.stop()
             if ls is not None:
                 ls.wait_ready()
                 _chat(c, ls.url, "m", PROMPTS[0], True)
