@@ -236,6 +236,9 @@ class LlamaCppBackend(Backend):
         return Branch(tuple(self._tokens(branch.suffix)), labels)
 
     def generate(self, prompt: Prompt, params: GenerationParams) -> RequestHandle:
+        return self._loop().submit(self._generate_request(prompt, params))
+
+    def _generate_request(self, prompt: Prompt, params: GenerationParams) -> Request:
         rt = self._runtime()
         bad = [t for t in params.logit_bias if not 0 <= t < rt.n_vocab]
         if bad:
@@ -244,9 +247,6 @@ class LlamaCppBackend(Backend):
                 "POST /tokenize gives the ids of a text",
                 "logit_bias",
             )
-        return self._loop().submit(self._generate_request(prompt, params))
-
-    def _generate_request(self, prompt: Prompt, params: GenerationParams) -> Request:
         req = self._request("generate", prompt, 1)
         # Cap the reply to the room left rather than failing a long conversation outright.
         room = self.settings.ctx_per_seq - len(req.prompt)
