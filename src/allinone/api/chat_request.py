@@ -96,7 +96,7 @@ async def chat_options(
     out = ChatOptions()
     if body.logit_bias:
         _require(backend, "logit_bias", "logit_bias")
-        out.options["logit_bias"] = {int(k): v for k, v in body.logit_bias.items()}
+        out.options["logit_bias"] = body.token_bias()
     if body.presence_penalty or body.frequency_penalty:
         which = "presence_penalty" if body.presence_penalty else "frequency_penalty"
         _require(backend, "penalties", which)

@@ -158,26 +158,10 @@ class NoEffectFields(BaseModel):
     cache_prompt: Any = None  # llama.cpp's server flag; this server caches prompts anyway
 
 
-class ChatCompletionRequest(NoEffectFields):
-    """POST /v1/chat/completions."""
+class SamplingFields(NoEffectFields):
+    """Fields chat and text completions share: stop strings, logit bias, penalties."""
 
-    model: Text = Field(min_length=1, description="The served model's id, or a task name")
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1, le=32768)
-    max_completion_tokens: int | None = Field(None, ge=1, le=32768)
-    temperature: float | None = Field(None, ge=0.0, le=2.0, description="Default: the task's (0)")
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
     stop: Text | list[Text] | None = None
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    n: int = Field(1, ge=1, le=16, description="Choices; at most the server's parallel slots")
-    seed: int | None = None
-    response_format: ResponseFormat | None = None
-    tools: list[ToolDefinition] | None = Field(None, max_length=128)
-    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
-    parallel_tool_calls: bool = True
-    logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=20)
     logit_bias: dict[str, float] | None = None
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
@@ -185,6 +169,10 @@ class ChatCompletionRequest(NoEffectFields):
     def stop_list(self) -> list[str] | None:
         """``stop`` as a list (the validator below has made it one)."""
         return [self.stop] if isinstance(self.stop, str) else self.stop
+
+    def token_bias(self) -> dict[int, float]:
+        """``logit_bias`` with its keys as token ids (the validator checked they are digits)."""
+        return {int(k): v for k, v in (self.logit_bias or {}).items()}
 
     @field_validator("stop")
     @classmethod
@@ -205,6 +193,27 @@ class ChatCompletionRequest(NoEffectFields):
             if not -100.0 <= bias <= 100.0:
                 raise ValueError(f"token {key}: a bias is between -100 and 100, not {bias}")
         return v
+
+
+class ChatCompletionRequest(SamplingFields):
+    """POST /v1/chat/completions."""
+
+    model: Text = Field(min_length=1, description="The served model's id, or a task name")
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1, le=32768)
+    max_completion_tokens: int | None = Field(None, ge=1, le=32768)
+    temperature: float | None = Field(None, ge=0.0, le=2.0, description="Default: the task's (0)")
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int = Field(1, ge=1, le=16, description="Choices; at most the server's parallel slots")
+    seed: int | None = None
+    response_format: ResponseFormat | None = None
+    tools: list[ToolDefinition] | None = Field(None, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
 
     @model_validator(mode="after")
     def _consistent(self) -> ChatCompletionRequest:

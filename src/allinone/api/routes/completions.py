@@ -19,6 +19,7 @@ from pydantic import BaseModel, Field, model_validator
 from allinone.api.protocol import (
     DONE,
     NoEffectFields,
+    SamplingFields,
     StreamOptions,
     Text,
     UsageInfo,
@@ -35,7 +36,7 @@ from allinone.errors import InvalidRequestError, envelope, to_api_error
 router = APIRouter(tags=["openai"])
 
 
-class CompletionRequest(NoEffectFields):
+class CompletionRequest(SamplingFields):
     """POST /v1/completions (OpenAI's legacy API); one prompt, one choice."""
 
     model: Text = Field(min_length=1, description="The served model's id")
@@ -43,7 +44,6 @@ class CompletionRequest(NoEffectFields):
     max_tokens: int = Field(16, ge=1, le=32768)
     temperature: float = Field(0.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    stop: Text | list[Text] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     seed: int | None = None
@@ -51,17 +51,11 @@ class CompletionRequest(NoEffectFields):
     best_of: int = Field(1, ge=1, le=1, description="One candidate per request")
     echo: Literal[False] = Field(False, description="Echoing the prompt is not supported")
     logprobs: int | None = Field(None, ge=0, le=20)
-    logit_bias: dict[str, float] | None = None
-    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
 
     @model_validator(mode="after")
     def _one_prompt(self) -> CompletionRequest:
         if isinstance(self.prompt, list) and len(self.prompt) != 1:
             raise ValueError("send one prompt (a string, or a list of exactly one)")
-        stops = [self.stop] if isinstance(self.stop, str) else self.stop or []
-        if len(stops) > 4 or any(not s for s in stops):
-            raise ValueError("stop takes up to 4 non-empty strings")
         return self
 
 
@@ -75,21 +69,13 @@ def _params(body: CompletionRequest, features: frozenset[str]) -> GenerationPara
     for field, (feature, given) in asked.items():
         if given and feature not in features:
             raise InvalidRequestError(f"this backend does not support {field}", param=field)
-    bias = {}
-    for key, value in (body.logit_bias or {}).items():
-        if not key.isdigit() or not -100 <= value <= 100:
-            raise InvalidRequestError(
-                "logit_bias maps token ids (digits) to a bias between -100 and 100",
-                param="logit_bias",
-            )
-        bias[int(key)] = value
     return GenerationParams(
         max_tokens=body.max_tokens,
         temperature=body.temperature,
         top_p=body.top_p,
-        stop=[body.stop] if isinstance(body.stop, str) else list(body.stop or []),
+        stop=body.stop_list() or [],
         seed=body.seed,
-        logit_bias=bias,
+        logit_bias=body.token_bias(),
         presence_penalty=body.presence_penalty,
         frequency_penalty=body.frequency_penalty,
         logprobs=body.logprobs is not None,
