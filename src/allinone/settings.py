@@ -193,6 +193,14 @@ class ServerSettings(BaseSettings):
         None, ge=1, description="Above this the process exits (code 3) to be restarted"
     )
     memory_sample_s: float = Field(10.0, gt=0, le=3600, description="Memory sampling interval")
+    malloc_mmap_threshold_kb: int = Field(
+        256,
+        ge=0,
+        le=32768,
+        description="glibc only: blocks at least this big are mmapped and given back when freed "
+        "(fixing the threshold stops glibc raising it, which let the prompt cache's MB-sized "
+        "states fragment the heap); 0 = glibc's dynamic default",
+    )
     cors_origins: list[str] = Field(
         default_factory=list,
         description="Browser origins allowed to call the API (JSON list, e.g. "

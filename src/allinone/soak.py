@@ -115,23 +115,34 @@ class MemoryProbe:
     def __init__(self, url: str, pid: int | None, client: httpx.Client) -> None:
         self.url, self.pid, self.client = url, pid, client
 
-    def read(self) -> tuple[int, int]:
-        """(rss, anon + swap) in bytes."""
+    def _metrics(self) -> dict[str, float]:
+        values = {}
+        for line in self.client.get(f"{self.url}/metrics").text.splitlines():
+            if line.startswith("allinone_") and " " in line and "{" not in line:
+                name, _, value = line.partition(" ")
+                try:
+                    values[name] = float(value)
+                except ValueError:
+                    continue
+        return values
+
+    def read(self) -> dict[str, int]:
+        """``rss`` and ``anon_plus_swap`` in bytes, and ``prompt_cache_bytes`` (the engine's
+        saved sequence states, from /metrics) when the server reports it."""
+        try:
+            values = self._metrics()
+        except httpx.HTTPError:
+            values = {}
+        out: dict[str, int] = {}
         if self.pid is not None:
             s = read_memory(self.pid)
-            return s.rss, s.anon_plus_swap
-        text = self.client.get(f"{self.url}/metrics").text
-        values = {}
-        for line in text.splitlines():
-            if line.startswith(
-                ("allinone_memory_rss_bytes ", "allinone_memory_anon_plus_swap_bytes ")
-            ):
-                name, value = line.split()
-                values[name] = float(value)
-        return (
-            int(values.get("allinone_memory_rss_bytes", 0)),
-            int(values.get("allinone_memory_anon_plus_swap_bytes", 0)),
-        )
+            out["rss"], out["anon_plus_swap"] = s.rss, s.anon_plus_swap
+        else:
+            out["rss"] = int(values.get("allinone_memory_rss_bytes", 0))
+            out["anon_plus_swap"] = int(values.get("allinone_memory_anon_plus_swap_bytes", 0))
+        if "allinone_engine_prompt_cache_bytes" in values:
+            out["prompt_cache_bytes"] = int(values["allinone_engine_prompt_cache_bytes"])
+        return out
 
 
 def _text(rng: random.Random, words: list[str], lo: int, hi: int) -> str:
@@ -266,8 +277,7 @@ def run_soak(
     t0 = time.perf_counter()
     with httpx.Client(timeout=30, headers=headers) as mclient:
         probe = MemoryProbe(url, pid, mclient)
-        rss, anon = probe.read()
-        samples.append({"requests": 0, "t": 0.0, "rss": rss, "anon_plus_swap": anon})
+        samples.append({"requests": 0, "t": 0.0, **probe.read()})
 
         budget_end = t0 + cfg.max_seconds if cfg.max_seconds else None
 
@@ -286,16 +296,9 @@ def run_soak(
             if bar is not None:
                 bar.update(1)
             if n % cfg.sample_every == 0:
-                rss, anon = probe.read()
+                reading = probe.read()
                 with lock:
-                    samples.append(
-                        {
-                            "requests": n,
-                            "t": time.perf_counter() - t0,
-                            "rss": rss,
-                            "anon_plus_swap": anon,
-                        }
-                    )
+                    samples.append({"requests": n, "t": time.perf_counter() - t0, **reading})
                     if checkpoint is not None and len(samples) % 25 == 0:
                         partial = {"done": n, "by_status": by_status, "samples": samples}
                         checkpoint.write_text(json.dumps(partial))
@@ -343,6 +346,12 @@ def plot(report: SoakReport, path: Path, title: str = "") -> Path:
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
     ax.plot(x, [s["rss"] / 1e6 for s in report.samples], label="RSS")
     ax.plot(x, [s["anon_plus_swap"] / 1e6 for s in report.samples], label="RssAnon + VmSwap")
+    if any("prompt_cache_bytes" in s for s in report.samples):
+        ax.plot(
+            x,
+            [s.get("prompt_cache_bytes", 0) / 1e6 for s in report.samples],
+            label="prompt cache (saved sequence states)",
+        )
     ax.axvspan(0, report.warmup_requests, color="grey", alpha=0.15, label="warm-up (discarded)")
     ax.set_xlabel("requests")
     ax.set_ylabel("MB")

@@ -18,7 +18,7 @@ from allinone.errors import (
     OverloadedError,
     ShuttingDownError,
 )
-from allinone.observability.memory import MemorySampler
+from allinone.observability.memory import MemorySampler, fix_mmap_threshold
 from allinone.observability.metrics import Metrics
 from allinone.service import TaskService
 from allinone.settings import Settings
@@ -57,6 +57,8 @@ class ServerState:
         srv = self.settings.server
         self.api_keys = srv.all_api_keys()
         mb = 1024 * 1024
+        if fix_mmap_threshold(srv.malloc_mmap_threshold_kb * 1024):
+            log.info("malloc: blocks >= %d KiB are mmapped", srv.malloc_mmap_threshold_kb)
         self.sampler = MemorySampler(
             interval_s=srv.memory_sample_s,
             soft_limit_bytes=srv.memory_soft_limit_mb * mb if srv.memory_soft_limit_mb else None,
