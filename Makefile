@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 export ALLINONE_CACHE_DIR := $(CACHE_DIR)
 PIP := $(PY) -m pip --disable-pip-version-check
 
-.PHONY: FORCE setup setup-dev model models-test serve test test-fast lint format bench bench-classify bench-backends clean
+.PHONY: FORCE setup setup-dev model models-test browser serve test test-fast lint format bench bench-classify bench-backends clean
 
 # llama-cpp-python is built from source for this host by src/allinone/llama_build.py: it probes
 # the CPU's risky extensions (AMX, AVX-512 FP16/BF16/VNNI) in child processes, switches off any that
@@ -59,11 +59,24 @@ models-test: setup
 serve: model
 	$(PY) -m allinone serve --host $(HOST) --port $(PORT)
 
+# Debian's Chromium (and CJK fonts) for the web page's browser tests, which Playwright drives:
+# Playwright's own browser download cannot work offline. If it cannot be installed here, the
+# browser tests fail and say so.
+browser:
+	@test -x /usr/bin/chromium || { \
+	  sudo=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  for try in 1 2; do \
+	    DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -q chromium fonts-noto-cjk \
+	      >/dev/null 2>&1 && break; \
+	    $$sudo apt-get update -q >/dev/null 2>&1; \
+	  done; \
+	  test -x /usr/bin/chromium || echo "make browser: Debian's chromium could not be installed"; }
+
 # The transformers backend's tests need the torch extra (a local CPU wheel: quick to install).
-test: $(VENV)/.stamp-torch models-test
+test: $(VENV)/.stamp-torch models-test browser
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-test-fast: setup-dev models-test
+test-fast: setup-dev models-test browser
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 lint: setup-dev

@@ -241,8 +241,12 @@ def tool_accuracy(c: httpx.Client, url: str, model: str) -> dict:
             "messages": [{"role": "user", "content": text}],
             "tools": TOOLS,
             "max_tokens": 96,
+            "temperature": 0,  # greedy: the rate repeats run to run
         }
-        msg = c.post(url + "/v1/chat/completions", json=body).json()["choices"][0]["message"]
+        r = c.post(url + "/v1/chat/completions", json=body)
+        if r.status_code != 200:
+            raise RuntimeError(f"{text!r}: HTTP {r.status_code} {r.text}")
+        msg = r.json()["choices"][0]["message"]
         got = msg["tool_calls"][0]["function"]["name"] if msg.get("tool_calls") else None
         right += got == want
         per.append({"request": text, "expected": want, "got": got})
@@ -258,13 +262,25 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--model", default="default", help="catalog name (default, accurate)")
     ap.add_argument("--skip-peer", action="store_true", help="no llama-server figures")
+    ap.add_argument(
+        "--tools-only",
+        action="store_true",
+        help="only the tool-choice rate (3.): no timing, so it may share the cores",
+    )
     args = ap.parse_args()
+    if args.tools_only:
+        args.skip_peer = True
     model = ensure_model(args.model)
     result: dict = {"machine": machine(), "model": model.name, "max_tokens": MAX_TOKENS}
-    result["per_step"] = per_step(model)
-    print(json.dumps(result["per_step"], indent=2))
+    if not args.tools_only:
+        result["per_step"] = per_step(model)
+        print(json.dumps(result["per_step"], indent=2))
     env = {"ALLINONE_THREADS": str(args.threads), "ALLINONE_PARALLEL": "8"}
-    env |= {"ALLINONE_MODEL_ID": "m", "ALLINONE_CTX_PER_SEQ": "1024"}
+    env |= {
+        "ALLINONE_MODEL_ID": "m",
+        "ALLINONE_CTX_PER_SEQ": "1024",
+        "ALLINONE_REQUEST_TIMEOUT_S": "900",
+    }
     srv = ServerProcess(str(model), env, small=False)
     ls = (
         None if args.skip_peer else LlamaServer(llama_server_binary(), model, 8, 1024, args.threads)
@@ -275,7 +291,7 @@ def main() -> None:
         srv.wait_ready()
         with httpx.Client(timeout=900) as c:
             _chat(c, srv.url, "m", PROMPTS[0], True)  # warm: the vocabulary index is built
-            for streams in (1, 8):
+            for streams in () if args.tools_only else (1, 8):
                 for schema in (False, True):
                     key = f"ours, {'schema' if schema else 'free'}, {streams} stream(s)"
                     figs[key], valid[key] = rate(c, srv.url, "m", schema, streams, args.rounds)
@@ -296,7 +312,7 @@ def main() -> None:
     result["tokens_per_s"] = {k: round(v, 1) for k, v in figs.items()}
     result["schema_replies_valid"] = {k: v for k, v in valid.items() if "schema" in k}
     ratios = {}
-    for s in (1, 8):
+    for s in () if args.tools_only else (1, 8):
         ours_c, ours_f = figs[f"ours, schema, {s} stream(s)"], figs[f"ours, free, {s} stream(s)"]
         ratios[f"ours schema / free, {s} stream(s) (target >= 0.8)"] = round(ours_c / ours_f, 2)
         if ls is not None:
@@ -305,7 +321,8 @@ def main() -> None:
                 ours_c / peer, 2
             )
     result["ratios"] = ratios
-    path = write_result(f"structured-{args.model}", result)
+    name = f"structured-{args.model}" + ("-tools" if args.tools_only else "")
+    path = write_result(name, result)
     print(json.dumps(result, indent=2, ensure_ascii=False))
     print(f"saved {path}")
 

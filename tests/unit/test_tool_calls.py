@@ -112,3 +112,23 @@ def test_bare_call_objects_one_per_line_are_parallel_calls():
     assert [c.function.name for c in calls] == ["get_weather", "add"]
     cut = f'{one}\n{{"name": "add", "argu'  # cut by max_tokens: the reply stays text
     assert parse_tool_calls(cut, NAMES) == (cut, [])
+
+
+def test_a_call_inside_a_markdown_fence_counts_and_other_fenced_code_stays_text():
+    # How the 0.5B model answered 4 of 16 clear requests in bench_structured's labelled set.
+    fenced = (
+        '```json\n{\n  "name": "add",\n  "arguments": {\n    "a": 1,\n    "b": 2\n  }\n}\n```'
+    )
+    content, calls = parse_tool_calls(fenced, NAMES)
+    assert content is None and [c.function.name for c in calls] == ["add"]
+    assert json.loads(calls[0].function.arguments) == {"a": 1, "b": 2}
+    stream = ToolCallStream(NAMES)
+    events = [e for ch in fenced for e in stream.feed(ch)] + stream.finish()
+    assert [k for k, _ in events] == ["call"]
+    # JSON in a fence that is not a call, and code, stay text whole
+    for other in ('```json\n{"answer": 42}\n```', "```python\nprint(1)\n```"):
+        assert parse_tool_calls(other, NAMES) == (other, [])
+    # code that is not JSON streams as it comes, not held to the end
+    stream = ToolCallStream(NAMES)
+    early = stream.feed("```python\nprint(1)\n") + stream.feed("x = 2\n")
+    assert "".join(v for k, v in early if k == "content").startswith("```python\nprint(1)")

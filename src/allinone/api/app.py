@@ -8,10 +8,11 @@ from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
+from fastapi.staticfiles import StaticFiles
 
 from allinone import __version__
 from allinone.api.middleware import BodyLimitMiddleware, MetricsMiddleware
-from allinone.api.routes import completions, decisions, health, openai, tasks
+from allinone.api.routes import completions, decisions, health, openai, tasks, ui
 from allinone.api.state import ServerState
 from allinone.backends.base import Backend
 from allinone.errors import AuthenticationError, envelope, register_exception_handlers
@@ -84,6 +85,8 @@ def create_app(
             )
 
     app.include_router(health.router)
+    app.include_router(ui.router)
+    app.mount("/ui/assets", StaticFiles(directory=ui.UI_DIR), name="ui-assets")
     app.include_router(openai.router, dependencies=[Depends(require_api_key)])
     app.include_router(completions.router, dependencies=[Depends(require_api_key)])
     app.include_router(tasks.router, dependencies=[Depends(require_api_key)])

@@ -18,7 +18,8 @@ from allinone.errors import (
     OverloadedError,
     ShuttingDownError,
 )
-from allinone.observability.memory import MemorySampler, fix_mmap_threshold
+from allinone.observability.history import HealthHistory
+from allinone.observability.memory import MemorySample, MemorySampler, fix_mmap_threshold
 from allinone.observability.metrics import Metrics
 from allinone.service import TaskService
 from allinone.settings import Settings
@@ -43,6 +44,7 @@ class ServerState:
     load_seconds: float | None = None
     metrics: Metrics = field(default_factory=Metrics)
     sampler: MemorySampler | None = None
+    history: HealthHistory | None = None
     draining: bool = False
     api_keys: set[str] = field(default_factory=set)
     loop: asyncio.AbstractEventLoop | None = None
@@ -59,13 +61,23 @@ class ServerState:
         mb = 1024 * 1024
         if fix_mmap_threshold(srv.malloc_mmap_threshold_kb * 1024):
             log.info("malloc: blocks >= %d KiB are mmapped", srv.malloc_mmap_threshold_kb)
+        engine_stats = lambda: self.backend.stats() if self.backend else {}  # noqa: E731
+        history = HealthHistory(
+            engine_stats, self.metrics.api_requests_total, interval_s=srv.memory_sample_s
+        )
+        self.history = history
+
+        def on_sample(sample: MemorySample) -> None:
+            self.metrics.record_memory(sample)
+            history.record(sample)
+
         self.sampler = MemorySampler(
             interval_s=srv.memory_sample_s,
             soft_limit_bytes=srv.memory_soft_limit_mb * mb if srv.memory_soft_limit_mb else None,
             hard_limit_bytes=srv.memory_hard_limit_mb * mb if srv.memory_hard_limit_mb else None,
-            on_sample=self.metrics.record_memory,
+            on_sample=on_sample,
         )
-        self.metrics.watch_engine(lambda: self.backend.stats() if self.backend else {})
+        self.metrics.watch_engine(engine_stats)
 
     def load(self) -> None:
         """Build and load the backend; records the error instead of raising."""

@@ -112,15 +112,16 @@ class ToolCallStream:
     inside: bool = False
     pending_space: str = ""
     n_calls: int = 0
-    bare: bool | None = None  # the reply opened with "{": maybe a call without its tags
+    bare: bool | None = None  # the reply opened with "{" (or a fence around one): maybe calls
 
     def feed(self, text: str) -> list[tuple[str, Any]]:
         self.buf += text
         out: list[tuple[str, Any]] = []
-        if self.bare is None and self.buf.strip():
-            # Small models often answer a call as the bare JSON object, without the tags:
-            # such a reply is held whole and judged when it ends.
-            self.bare = self.buf.lstrip().startswith("{")
+        if self.bare is None:
+            # Small models often answer a call as the bare JSON object, without the tags,
+            # sometimes inside a Markdown fence (llama.cpp's Hermes parser accepts both): such
+            # a reply is held whole and judged when it ends.
+            self.bare = _opens_bare_call(self.buf)
         if self.bare is not False:
             return out
         while True:
@@ -145,8 +146,9 @@ class ToolCallStream:
         if self.bare:
             # one call object, or several, one per line (how the 0.5B model writes them)
             self.bare = False
-            lines = [line for line in self.buf.splitlines() if line.strip()]
-            whole = _to_call(self.buf, self.names)
+            body = _unfenced(self.buf)
+            lines = [line for line in body.splitlines() if line.strip()]
+            whole = _to_call(body, self.names)
             calls = [whole] if whole is not None else [_to_call(x, self.names) for x in lines]
             if calls and all(c is not None for c in calls):
                 self.buf = ""
@@ -179,6 +181,35 @@ class ToolCallStream:
         self.n_calls += 1
         self.pending_space = ""
         out.append(("call", call))
+
+
+FENCE = "```"
+
+
+def _opens_bare_call(text: str) -> bool | None:
+    """Whether a reply's start may be a call without tags: ``{``, or a fence whose first line
+    of content starts with ``{``; None while the text so far cannot tell."""
+    s = text.lstrip()
+    if not s:
+        return None
+    if s.startswith("{"):
+        return True
+    if not s.startswith(FENCE):
+        return None if FENCE.startswith(s) else False
+    nl = s.find("\n")
+    if nl < 0:
+        return None if len(s) <= 16 else False  # "```json" and the like, or code
+    rest = s[nl + 1 :].lstrip()
+    return rest.startswith("{") if rest else None
+
+
+def _unfenced(text: str) -> str:
+    """``text`` without a Markdown fence around it (the text itself when it has none)."""
+    s = text.strip()
+    if not s.startswith(FENCE):
+        return text
+    body = s.split("\n", 1)[1].rstrip() if "\n" in s else ""
+    return body[: -len(FENCE)] if body.endswith(FENCE) else body
 
 
 def _partial_suffix(text: str, tag: str) -> int:

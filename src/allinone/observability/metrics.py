@@ -104,6 +104,15 @@ class Metrics:
         """Export the engine's counters, read at scrape time."""
         self.registry.register(EngineCollector(stats))
 
+    def api_requests_total(self) -> float:
+        """API requests answered so far (routes under /v1/; probes and pages not counted)."""
+        total = 0.0
+        for family in self.requests.collect():
+            for s in family.samples:
+                if s.name.endswith("_total") and s.labels.get("route", "").startswith("/v1/"):
+                    total += s.value
+        return total
+
     def record_memory(self, sample) -> None:
         """Update the memory gauges from a MemorySample."""
         self.rss.set(sample.rss)
