@@ -116,9 +116,7 @@ def test_bare_call_objects_one_per_line_are_parallel_calls():
 
 def test_a_call_inside_a_markdown_fence_counts_and_other_fenced_code_stays_text():
     # How the 0.5B model answered 4 of 16 clear requests in bench_structured's labelled set.
-    fenced = (
-        '```json\n{\n  "name": "add",\n  "arguments": {\n    "a": 1,\n    "b": 2\n  }\n}\n```'
-    )
+    fenced = '```json\n{\n  "name": "add",\n  "arguments": {\n    "a": 1,\n    "b": 2\n  }\n}\n```'
     content, calls = parse_tool_calls(fenced, NAMES)
     assert content is None and [c.function.name for c in calls] == ["add"]
     assert json.loads(calls[0].function.arguments) == {"a": 1, "b": 2}
