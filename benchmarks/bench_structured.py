@@ -48,10 +48,10 @@ SCHEMA = {
 }
 PROMPTS = [
     f"Invent a person who lives in {city} and describe them in detail: name, age, hobbies "
-    "and a long biography."
+    "and a two-sentence biography."
     for city in ("Lisbon", "Osaka", "Quito", "Tallinn", "Accra", "Perth", "Bergen", "Cusco")
 ]
-MAX_TOKENS = 96
+MAX_TOKENS = 128
 TOOLS = [
     {
         "type": "function",
@@ -197,7 +197,8 @@ def per_step(model: Path) -> dict:
 # -- 2. end to end -----------------------------------------------------------------------------
 
 
-def _chat(c: httpx.Client, url: str, model: str, prompt: str, schema: bool) -> tuple[int, str]:
+def _chat(c: httpx.Client, url: str, model: str, prompt: str, schema: bool) -> tuple[int, str, str]:
+    """(completion tokens, reply, finish reason)."""
     body = {
         "model": model,
         "messages": [{"role": "user", "content": prompt}],
@@ -212,25 +213,37 @@ def _chat(c: httpx.Client, url: str, model: str, prompt: str, schema: bool) -> t
     r = c.post(url + "/v1/chat/completions", json=body)
     r.raise_for_status()
     d = r.json()
-    return d["usage"]["completion_tokens"], d["choices"][0]["message"]["content"]
+    choice = d["choices"][0]
+    return d["usage"]["completion_tokens"], choice["message"]["content"], choice["finish_reason"]
 
 
 def rate(c: httpx.Client, url: str, model: str, schema: bool, streams: int, rounds: int):
-    """Generated tokens/s over ``rounds`` batches of ``streams`` requests sent at once, and
-    the share of schema replies that parse and have every required key."""
-    toks, secs, valid, n = 0, 0.0, 0, 0
+    """Generated tokens/s over ``rounds`` batches of ``streams`` requests sent at once, and, of
+    the replies that ended before ``max_tokens`` (finish "stop"), the share that parse with
+    every required key, with how many ended so.
+
+    Each request's prompt starts with its own tag, so no figure gets another's prompt from a
+    server's prompt cache (both servers reuse cached prompts: without the tag, whichever
+    configuration ran second skipped its prefill)."""
+    toks, secs, valid, ended = 0, 0.0, 0, 0
+    tag = f"{'s' if schema else 'f'}{streams}"
     with ThreadPoolExecutor(streams) as pool:
         for r in range(rounds):
-            batch = [PROMPTS[(r * streams + i) % len(PROMPTS)] for i in range(streams)]
+            batch = [
+                f"[{tag}-{r}-{i}] " + PROMPTS[(r * streams + i) % len(PROMPTS)]
+                for i in range(streams)
+            ]
             t0 = time.perf_counter()
             out = list(pool.map(lambda p: _chat(c, url, model, p, schema), batch))
             secs += time.perf_counter() - t0
-            for k, text in out:
+            for k, text, finish in out:
                 toks += k
-                n += 1
-                with contextlib.suppress(ValueError):
+                if finish != "stop":
+                    continue
+                ended += 1
+                with contextlib.suppress(ValueError, TypeError):
                     valid += set(json.loads(text)) == set(SCHEMA["properties"])
-    return toks / secs, valid / n
+    return toks / secs, {"ended": ended, "valid": valid}
 
 
 def tool_accuracy(c: httpx.Client, url: str, model: str) -> dict:
@@ -286,7 +299,7 @@ def main() -> None:
         None if args.skip_peer else LlamaServer(llama_server_binary(), model, 8, 1024, args.threads)
     )
     figs: dict[str, float] = {}
-    valid: dict[str, float] = {}
+    valid: dict[str, dict] = {}
     try:
         srv.wait_ready()
         with httpx.Client(timeout=900) as c:

@@ -535,10 +535,24 @@ class EngineLoop:
             lps = [br.lp for br in req.branches]
             self._end(req, reason="stop", result=lps if req.nested_result else lps[0])
 
+    @staticmethod
+    def _sample(req: Request, logits: np.ndarray) -> int:
+        p, matcher = req.params, req.matcher
+        assert req.rng is not None
+        if matcher is not None and p.temperature <= 0.0:
+            # Greedy under a grammar: when the best token is one the grammar allows, it is the
+            # best allowed token, so the vocabulary-wide mask (a float64 copy of the logits and
+            # a 152k-entry mask) is needed only when it is not. Same tokens either way; llama.cpp's
+            # sampler checks the chosen token first in the same way.
+            tok = sample_token(process_logits(logits, p, req.counts), p, req.rng)
+            if matcher.allows(tok):
+                return tok
+        return sample_token(process_logits(logits, p, req.counts, matcher), p, req.rng)
+
     def _on_token(self, req: Request, logits: np.ndarray) -> None:
         p = req.params
         assert req.rng is not None and req.decoder is not None  # set when generation starts
-        tok = sample_token(process_logits(logits, p, req.counts, req.matcher), p, req.rng)
+        tok = self._sample(req, logits)
         if req.matcher is not None:
             req.matcher.accept(tok)
         if self.rt.is_eog(tok):

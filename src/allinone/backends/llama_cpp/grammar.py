@@ -49,6 +49,14 @@ class TokenMatcher:
         self.n_vocab = n_vocab
         self._mask = np.zeros((1, (n_vocab + 31) // 32), dtype=np.int32)
 
+    def allows(self, token: int) -> bool:
+        """Whether the grammar accepts ``token`` next (computes this step's mask: ~0.1 ms on
+        the default model's vocabulary, the cost bench_structured measures per token)."""
+        self._m.unsafe_compute_mask_ptr(self._mask.ctypes.data, self._mask.nbytes)
+        if not 0 <= token < self.n_vocab:
+            return False
+        return bool((int(self._mask[0, token >> 5]) >> (token & 31)) & 1)
+
     def allowed(self) -> np.ndarray:
         """Boolean array of shape (n_vocab,): True where the grammar accepts the token next."""
         self._m.unsafe_compute_mask_ptr(self._mask.ctypes.data, self._mask.nbytes)
