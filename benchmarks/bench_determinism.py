@@ -62,6 +62,7 @@ def main() -> None:
     model = ensure_model("default")
     env = {"ALLINONE_THREADS": str(args.threads), "ALLINONE_PARALLEL": "8"}
     env |= {"ALLINONE_MODEL_ID": "m", "ALLINONE_CTX_PER_SEQ": "1024"}
+    env["ALLINONE_REQUEST_TIMEOUT_S"] = "900"  # a figure, not a deadline: a busy host is slow
     srv = ServerProcess(str(model), env, small=False)
 
     def ask(c: httpx.Client, text: str, **kw) -> str:

@@ -66,6 +66,18 @@ def _engine(url: str) -> dict:
     return httpx.get(f"{url}/ready", timeout=10).json()["engine"]
 
 
+def _classify(page, task: str, text: str, expect: int = 1) -> list[str]:
+    """Classify ``text`` with ``task`` on the page; the labels shown (``expect`` results)."""
+    page.wait_for_selector(f"#classify-task option[value='{task}']", state="attached")
+    page.select_option("#classify-task", task)
+    page.fill("#classify-input", text)
+    page.click("#classify-form button[type=submit]")
+    page.wait_for_function(
+        f"document.querySelectorAll('#classify-results .result').length == {expect}"
+    )
+    return page.locator("#classify-results .label").all_text_contents()
+
+
 def _tab(page, name: str) -> None:
     page.click(f"#tab-{name}")
     page.wait_for_selector(f"#panel-{name}:not([hidden])")
@@ -87,20 +99,14 @@ def test_classify_chat_stop_and_health_on_the_tiny_model(browser, tiny_server):
     page = ui.page
     try:
         # classify: a label from the task's set, one bar per label, a latency
-        page.wait_for_selector("#classify-task option[value='sentiment-en']", state="attached")
-        page.select_option("#classify-task", "sentiment-en")
-        page.fill("#classify-input", "I love this phone, it works great.")
-        page.click("#classify-form button[type=submit]")
-        page.wait_for_selector("#classify-results .result")
-        assert page.text_content("#classify-results .label") in {"positive", "negative"}
+        (label,) = _classify(page, "sentiment-en", "I love this phone, it works great.")
+        assert label in {"positive", "negative"}
         assert page.locator("#classify-results .bar-row").count() == 2
         assert "ms" in page.text_content("#classify-meta")
 
         # many texts, one per line
         page.check("#classify-many")
-        page.fill("#classify-input", "great\nawful\nfine")
-        page.click("#classify-form button[type=submit]")
-        page.wait_for_function("document.querySelectorAll('#classify-results .result').length == 3")
+        assert len(_classify(page, "sentiment-en", "great\nawful\nfine", expect=3)) == 3
 
         # chat with the model itself, streamed; Stop cancels it on the server
         _tab(page, "chat")
@@ -161,11 +167,8 @@ def test_the_page_asks_for_the_key_when_the_server_needs_one(browser, tiny_serve
         page.fill("#key-input", "sekrit")
         page.click("#key-form button[type=submit]")
         page.wait_for_selector("#key-form", state="hidden")
-        page.select_option("#classify-task", "sentiment")
-        page.fill("#classify-input", "服务很好")
-        page.click("#classify-form button[type=submit]")
-        page.wait_for_selector("#classify-results .label")
-        assert page.text_content("#classify-results .label") in {"正面", "负面"}
+        (label,) = _classify(page, "sentiment", "服务很好")
+        assert label in {"正面", "负面"}
         # the wrong key's 401 is the only console error (the browser logs refused requests)
         assert all("401" in e for e in ui.errors), ui.errors
     finally:
@@ -183,14 +186,10 @@ def test_each_panel_on_the_default_model_on_a_phone_width_screen(browser, server
             page.screenshot(path=str(Path(shots) / f"{name}.png"), full_page=True)
 
     try:
-        page.wait_for_selector("#classify-task option[value='sentiment-en']", state="attached")
-        page.select_option("#classify-task", "sentiment-en")
+        page.wait_for_selector("#classify-many")
         page.check("#classify-many")
-        page.fill("#classify-input", "The staff were kind and the room was spotless.\nNever again.")
-        page.click("#classify-form button[type=submit]")
-        page.wait_for_function("document.querySelectorAll('#classify-results .result').length == 2")
-        labels = page.locator("#classify-results .label").all_text_contents()
-        assert labels == ["positive", "negative"]
+        text = "The staff were kind and the room was spotless.\nNever again."
+        assert _classify(page, "sentiment-en", text, expect=2) == ["positive", "negative"]
         # nothing wider than the phone's screen
         assert page.evaluate("document.documentElement.scrollWidth") <= 390
         shot("classify")
