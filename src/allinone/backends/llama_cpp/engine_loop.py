@@ -539,15 +539,18 @@ class EngineLoop:
     def _sample(req: Request, logits: np.ndarray) -> int:
         p, matcher = req.params, req.matcher
         assert req.rng is not None
-        if matcher is not None and p.temperature <= 0.0:
+        x = process_logits(logits, p, req.counts)  # bias and penalties, once
+        if matcher is None:
+            return sample_token(x, p, req.rng)
+        if p.temperature <= 0.0:
             # Greedy under a grammar: when the best token is one the grammar allows, it is the
             # best allowed token, so the vocabulary-wide mask (a float64 copy of the logits and
             # a 152k-entry mask) is needed only when it is not. Same tokens either way; llama.cpp's
             # sampler checks the chosen token first in the same way.
-            tok = sample_token(process_logits(logits, p, req.counts), p, req.rng)
+            tok = sample_token(x, p, req.rng)
             if matcher.allows(tok):
                 return tok
-        return sample_token(process_logits(logits, p, req.counts, matcher), p, req.rng)
+        return sample_token(matcher.apply(x), p, req.rng)
 
     def _on_token(self, req: Request, logits: np.ndarray) -> None:
         p = req.params

@@ -67,9 +67,13 @@ class TokenMatcher:
         return out
 
     def apply(self, logits: np.ndarray) -> np.ndarray:
-        """``logits`` (float, shape (n_vocab,)) with every token the grammar forbids at -inf."""
+        """A float64 copy of ``logits`` (shape (n_vocab,)) with every token the grammar forbids
+        at -inf. GrammarError if it forbids all."""
+        allowed = self.allowed()
+        if not allowed.any():
+            raise GrammarError("the grammar allows no next token")
         x = logits.astype(np.float64)
-        x[~self.allowed()] = -np.inf
+        x[~allowed] = -np.inf
         return x
 
     def accept(self, token: int) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from allinone.backends.base import GenerationParams, GrammarError, TokenLogprob
+from allinone.backends.base import GenerationParams, TokenLogprob
 
 # Sampling with temperature looks at the most likely tokens only; the tail beyond them carries
 # negligible mass and sorting all 150k logits every step would cost milliseconds.
@@ -19,28 +19,24 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def process_logits(
-    logits: np.ndarray, params: GenerationParams, counts: dict[int, int], matcher=None
+    logits: np.ndarray, params: GenerationParams, counts: dict[int, int]
 ) -> np.ndarray:
-    """The logits a token is sampled from (float64 copy): ``logit_bias`` added, OpenAI's
-    presence and frequency penalties subtracted (``counts``: token id -> times generated so
-    far; penalty = count * frequency_penalty + presence_penalty, as in OpenAI's API reference),
-    and, under a grammar, every token it forbids at -inf. GrammarError if it forbids all."""
+    """The logits a token is sampled from, before any grammar (``TokenMatcher.apply``):
+    ``logit_bias`` added and OpenAI's presence and frequency penalties subtracted (``counts``:
+    token id -> times generated so far; penalty = count * frequency_penalty +
+    presence_penalty, as in OpenAI's API reference). A float64 copy when either applies;
+    ``logits`` itself otherwise."""
     penalised = bool(counts) and bool(params.presence_penalty or params.frequency_penalty)
-    if not params.logit_bias and not penalised and matcher is None:
-        return logits  # nothing to do: no copy (a plain request allocates as it always did)
-    x = logits.astype(np.float64)
-    if params.logit_bias:
-        ids = np.fromiter(params.logit_bias.keys(), dtype=np.int64)
-        x[ids] += np.fromiter(params.logit_bias.values(), dtype=np.float64)
-    if penalised:
-        ids = np.fromiter(counts.keys(), dtype=np.int64)
-        n = np.fromiter(counts.values(), dtype=np.float64)
-        x[ids] -= n * params.frequency_penalty + params.presence_penalty
-    if matcher is not None:
-        allowed = matcher.allowed()
-        if not allowed.any():
-            raise GrammarError("the grammar allows no next token")
-        x[~allowed] = -np.inf
+    x = logits  # nothing to do: no copy (a plain request allocates as it always did)
+    if params.logit_bias or penalised:
+        x = logits.astype(np.float64)
+        if params.logit_bias:
+            ids = np.fromiter(params.logit_bias.keys(), dtype=np.int64)
+            x[ids] += np.fromiter(params.logit_bias.values(), dtype=np.float64)
+        if penalised:
+            ids = np.fromiter(counts.keys(), dtype=np.int64)
+            n = np.fromiter(counts.values(), dtype=np.float64)
+            x[ids] -= n * params.frequency_penalty + params.presence_penalty
     return x
 
 
