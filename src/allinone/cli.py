@@ -1,5 +1,5 @@
 """Command-line interface: one command per job: serve, classify, decide, extract, chat, eval,
-calibrate, soak, plan, deploy, tasks, models, doctor. Every setting is also a flag (see
+calibrate, soak, listen, plan, deploy, tasks, models, doctor. Every setting is also a flag (see
 settings_flags)."""
 
 from __future__ import annotations
@@ -14,7 +14,13 @@ from pathlib import Path
 from typing import Any
 
 from allinone import __version__
-from allinone.settings import EngineSettings, ModelSettings, ServerSettings, Settings
+from allinone.settings import (
+    EngineSettings,
+    ModelSettings,
+    ServerSettings,
+    Settings,
+    SpeechSettings,
+)
 from allinone.settings_flags import add_settings_flags
 
 
@@ -26,6 +32,7 @@ def _settings(args: argparse.Namespace) -> Settings:
         model=settings_from_flags(args, ModelSettings),
         engine=settings_from_flags(args, EngineSettings),
         server=settings_from_flags(args, ServerSettings, tasks_dir=args.tasks_dir or None),
+        speech=settings_from_flags(args, SpeechSettings),
     )
 
 
@@ -104,6 +111,67 @@ def cmd_classify(args: argparse.Namespace) -> int:
     for r in results:
         plain = r.label if r.category is None else f"{r.label} ({r.category})"
         print(json.dumps(r.to_dict(), ensure_ascii=False) if args.json else plain)
+    return 0
+
+
+def cmd_listen(args: argparse.Namespace) -> int:
+    """Transcribe an audio file, then (unless --transcript-only) run an extract task on it."""
+    from tqdm import tqdm
+
+    from allinone.runtime import make_transcriber
+    from allinone.speech.audio import AudioError, decode, probe_duration
+    from allinone.speech.transcriber import TranscribeOptions
+
+    settings = _settings(args)
+    data = args.file.read_bytes()
+    limit = settings.speech.speech_max_duration_s
+    try:
+        declared = probe_duration(data)
+        if declared is not None and declared > limit:
+            raise AudioError(
+                f"the audio lasts {declared:.1f} s; --speech-max-duration-s is {limit:g}"
+            )
+        audio = decode(data, limit)
+    except AudioError as exc:
+        raise ValueError(f"{args.file}: {exc}") from exc
+    transcriber = make_transcriber(settings)
+    show = args.progress or sys.stderr.isatty()
+    with tqdm(
+        total=round(audio.duration, 1), unit="s", desc="transcribing", disable=not show
+    ) as bar:
+
+        def progress(done: float) -> None:
+            bar.update(round(done, 1) - bar.n)
+
+        transcript = transcriber.transcribe(
+            audio.samples,
+            TranscribeOptions(language=args.language, prompt=args.prompt),
+            on_progress=progress,
+        )
+    out: dict[str, Any] = {
+        "transcript": {
+            "text": transcript.text,
+            "language": transcript.language,
+            "duration": round(transcript.duration, 3),
+        },
+        "rtf": round(transcript.rtf, 3),
+    }
+    if not args.transcript_only and transcript.text.strip():
+        service = _service(settings)
+        try:
+            result = service.extract(args.task, transcript.text)
+        finally:
+            service.backend.close()
+        out.update(task=result.task, output=result.output, scores=result.scores)
+    if args.json:
+        print(json.dumps(out, ensure_ascii=False, indent=2))
+        return 0
+    print(f"[{transcript.language}, {transcript.duration:.1f} s, RTF {transcript.rtf:.2f}]")
+    print(transcript.text)
+    for key, value in out.get("output", {}).items():
+        probs = out["scores"].get(key)
+        top = "" if not probs else f"  (p={probs[value]:.2f})"
+        print(f"{key}: {value}{top}")
     return 0
 
 
@@ -493,25 +561,42 @@ def cmd_tasks(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from allinone.models import CATALOG, DEFAULT_MODEL, get_entry
+    from allinone.models import CATALOG, DEFAULT_MODEL, get_entry, speech
     from allinone.models import fetch as fetching
 
     cache = ModelSettings().cache_dir
     if args.action == "list":
         rows: list[dict[str, Any]] = []
         for e in CATALOG.values():
-            present = fetching.is_present(e, cache)
             rows.append(
                 {
                     "name": e.name,
+                    "kind": "llm",
                     "role": e.role,
                     "default": e.name == DEFAULT_MODEL,
                     "size": e.size,
                     "sha256": e.sha256,
-                    "present": present,
+                    "present": fetching.is_present(e, cache),
                     "path": str(fetching.model_path(e, cache)),
                     "source": e.source(),
                     "license": e.license,
+                }
+            )
+        for s in speech.SPEECH_CATALOG.values():
+            rows.append(
+                {
+                    "name": s.name,
+                    "kind": "speech",
+                    "role": "speech (default)"
+                    if s.name == speech.DEFAULT_SPEECH_MODEL
+                    else "speech, " + "/".join(s.languages),
+                    "default": False,
+                    "size": s.size,
+                    "sha256": s.files[0].sha256,  # model.bin's; every file is checked
+                    "present": speech.is_speech_present(s, cache),
+                    "path": str(speech.speech_dir(s, cache)),
+                    "source": s.source(),
+                    "license": s.license,
                 }
             )
         if args.json:
@@ -527,9 +612,21 @@ def cmd_models(args: argparse.Namespace) -> int:
     names = args.names or [DEFAULT_MODEL]
     for name in names:
         entry = get_entry(name)
-        if entry is None:
-            print(f"unknown model {name!r}; catalog: {', '.join(CATALOG)}", file=sys.stderr)
+        voice = speech.get_speech_entry(name) if entry is None else None
+        if entry is None and voice is None:
+            known = [*CATALOG, *speech.SPEECH_CATALOG]
+            print(f"unknown model {name!r}; catalog: {', '.join(known)}", file=sys.stderr)
             return 2
+        if voice is not None:
+            if args.action == "fetch":
+                print(speech.fetch_speech(voice, cache))
+            elif args.action == "verify":
+                speech.verify_speech(voice, cache)
+                print(f"{voice.name}: sha256 ok ({len(voice.files)} files)")
+            elif args.action == "path":
+                print(speech.speech_dir(voice, cache))
+            continue
+        assert entry is not None
         if args.action == "fetch":
             print(fetching.fetch(entry, cache))
         elif args.action == "verify":
@@ -607,8 +704,23 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("serve", parents=[common], help="run the HTTP server")
-    add_settings_flags(s, ServerSettings)
+    add_settings_flags(s, ServerSettings, SpeechSettings)
     s.set_defaults(func=cmd_serve)
+
+    ls = sub.add_parser(
+        "listen",
+        parents=[common],
+        help="transcribe an audio file, then run an extract task (voice-note) on the transcript",
+    )
+    ls.add_argument("file", type=Path, help="audio file (wav, mp3, m4a, ogg, flac, webm)")
+    ls.add_argument("--task", default="voice-note", help="extract task (default voice-note)")
+    ls.add_argument("--language", help="ISO 639-1 code (default: detect among --speech-languages)")
+    ls.add_argument("--prompt", help="text to steer the transcription (names, spellings)")
+    ls.add_argument("--transcript-only", action="store_true", help="skip the task (no LLM)")
+    ls.add_argument("--json", action="store_true", help="print one JSON object")
+    ls.add_argument("--progress", action="store_true", help="progress bar even when not a tty")
+    add_settings_flags(ls, SpeechSettings)
+    ls.set_defaults(func=cmd_listen)
 
     c = sub.add_parser("classify", parents=[common], help="classify text(s); '-' reads stdin")
     c.add_argument("text", nargs="+", help="text(s) to classify, or '-' for one per stdin line")

@@ -80,6 +80,12 @@ class PayloadTooLargeError(APIError):
     status, type, code = 413, "invalid_request_error", "payload_too_large"
 
 
+class NotEnabledError(APIError):
+    """501: the route exists but this server was started without what it needs."""
+
+    status, type, code = 501, "not_implemented_error", "not_enabled"
+
+
 class OverloadedError(APIError):
     """503 with Retry-After: too much work queued; retry later."""
 

@@ -32,3 +32,30 @@ def make_backend(settings: Settings) -> Backend:
     )
     cls = get_backend_class(settings.model.backend)
     return cls(path, settings.engine, model_id_for(settings, path))
+
+
+def make_transcriber(settings: Settings):
+    """Fetch (or re-verify: every file is hashed) the configured speech model and load it.
+    ModelFetchError for an unknown name or a bad file; ImportError when the speech packages
+    (requirements-speech.txt) are not installed."""
+    from allinone.models import ModelFetchError
+    from allinone.models.speech import fetch_speech, get_speech_entry, verify_speech
+    from allinone.speech.transcriber import Transcriber
+
+    cfg = settings.speech
+    entry = get_speech_entry(cfg.speech_model)
+    if entry is None:
+        raise ModelFetchError(
+            f"unknown speech model {cfg.speech_model!r}: use whisper-base or whisper-tiny.en"
+        )
+    cache = settings.model.cache_dir
+    download = settings.model.download
+    folder = fetch_speech(entry, cache) if download else verify_speech(entry, cache)
+    return Transcriber(
+        folder,
+        entry.name,
+        entry.multilingual,
+        threads=cfg.speech_threads,
+        beam_size=cfg.speech_beam_size,
+        detect_languages=tuple(cfg.speech_languages),
+    )

@@ -30,6 +30,14 @@ from allinone.tasks import TaskError, TaskRegistry, TaskSpec
 MESSAGE_OVERHEAD_TOKENS = 6
 
 
+def softmax_labels(labels: list[str], logps: list[float]) -> dict[str, float]:
+    """Label log-probabilities normalised into probabilities over the labels (sum 1)."""
+    top = max(logps)
+    exps = [math.exp(lp - top) for lp in logps]
+    total = sum(exps)
+    return {lab: e / total for lab, e in zip(labels, exps, strict=True)}
+
+
 @dataclass
 class ClassifyResult:
     """One classified text: the winning label and every label's probability."""
@@ -69,10 +77,16 @@ class ExtractResult:
     latency_ms: float
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    scores: dict[str, dict[str, float]] = field(default_factory=dict)  # label fields' probabilities
 
     def to_dict(self) -> dict:
         """The JSON shape used by the CLI and the API."""
-        return {"task": self.task, "output": self.output, "latency_ms": round(self.latency_ms, 2)}
+        return {
+            "task": self.task,
+            "output": self.output,
+            "scores": self.scores,
+            "latency_ms": round(self.latency_ms, 2),
+        }
 
 
 @dataclass
@@ -181,10 +195,7 @@ class TaskService:
         raw = list(finished.result)
         cal = self.calibrations.get(job.task.name) if calibrated else None
         logps = cal.apply(job.task.labels, raw) if cal else raw
-        top = max(logps)
-        exps = [math.exp(lp - top) for lp in logps]
-        total = sum(exps)
-        scores = {lab: e / total for lab, e in zip(job.task.labels, exps, strict=True)}
+        scores = softmax_labels(job.task.labels, logps)
         # Ties go to the earlier label, so the answer is deterministic.
         label = job.task.labels[max(range(len(logps)), key=lambda i: (logps[i], -i))]
         return ClassifyResult(
@@ -298,6 +309,7 @@ class TaskService:
         messages.append({"role": "user", "content": task.prepare_input(text)})
         base = self.backend.render_chat(messages, n_prefix_messages=len(messages) - 1)
         output: dict[str, str] = {}
+        scores: dict[str, dict[str, float]] = {}
         usage_prompt = usage_gen = 0
         for i, fld in enumerate(task.fields):
             # The reply so far, ending just inside the opening quote of this field's value.
@@ -307,6 +319,7 @@ class TaskService:
             if fld.type == "label":
                 fin = yield self.backend.score_choices(prompt, fld.labels)
                 value = fld.labels[max(range(len(fld.labels)), key=lambda k: fin.result[k])]
+                scores[fld.name] = softmax_labels(fld.labels, list(fin.result))
             else:
                 params = GenerationParams(
                     max_tokens=fld.max_tokens, stop=['"', "\n"], max_chars=fld.max_chars
@@ -317,7 +330,12 @@ class TaskService:
             usage_prompt += fin.usage.prompt_tokens if i == 0 else 0
             usage_gen += fin.usage.completion_tokens
         return ExtractResult(
-            task.name, output, (time.perf_counter() - started) * 1000, usage_prompt, usage_gen
+            task.name,
+            output,
+            (time.perf_counter() - started) * 1000,
+            usage_prompt,
+            usage_gen,
+            scores,
         )
 
     # -- chat --------------------------------------------------------------------------------

@@ -232,6 +232,39 @@ class ServerSettings(BaseSettings):
         return keys
 
 
+class SpeechSettings(BaseSettings):
+    """Speech in: whether a Whisper model is loaded beside the LLM, and its limits."""
+
+    model_config = _COMMON
+    speech: bool = Field(
+        False,
+        description="Load a speech model and serve /v1/audio/transcriptions and "
+        "/v1/audio/summaries (~350 MB more memory for whisper-base)",
+    )
+    speech_model: str = Field(
+        "whisper-base", description="Speech model: whisper-base (multilingual) or whisper-tiny.en"
+    )
+    speech_threads: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="CPU threads for Whisper (it shares the cores with the LLM; one "
+        "transcription runs at a time)",
+    )
+    speech_beam_size: int = Field(5, ge=1, le=10, description="Whisper beam width")
+    speech_languages: list[str] = Field(
+        default_factory=lambda: ["zh", "en"],
+        description="Languages automatic detection chooses among when a request names none "
+        "(JSON list of ISO 639-1 codes)",
+    )
+    speech_max_upload_mb: float = Field(
+        25.0, gt=0, le=2048, description="Largest audio upload, MB (413 above)"
+    )
+    speech_max_duration_s: float = Field(
+        300.0, gt=0, le=36000, description="Longest audio accepted, seconds (400 above)"
+    )
+
+
 class Settings:
     """All settings of one process, grouped by concern."""
 
@@ -240,7 +273,9 @@ class Settings:
         model: ModelSettings | None = None,
         engine: EngineSettings | None = None,
         server: ServerSettings | None = None,
+        speech: SpeechSettings | None = None,
     ) -> None:
         self.model = model or ModelSettings()
         self.engine = engine or EngineSettings()
         self.server = server or ServerSettings()
+        self.speech = speech or SpeechSettings()

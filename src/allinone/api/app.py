@@ -12,7 +12,7 @@ from fastapi.staticfiles import StaticFiles
 
 from allinone import __version__
 from allinone.api.middleware import BodyLimitMiddleware, MetricsMiddleware
-from allinone.api.routes import completions, decisions, health, openai, tasks, ui
+from allinone.api.routes import audio, completions, decisions, health, openai, tasks, ui
 from allinone.api.state import ServerState
 from allinone.backends.base import Backend
 from allinone.errors import AuthenticationError, envelope, register_exception_handlers
@@ -91,7 +91,13 @@ def create_app(
     app.include_router(completions.router, dependencies=[Depends(require_api_key)])
     app.include_router(tasks.router, dependencies=[Depends(require_api_key)])
     app.include_router(decisions.router, dependencies=[Depends(require_api_key)])
-    app.add_middleware(BodyLimitMiddleware, limit=settings.server.max_body_bytes)
+    app.include_router(audio.router, dependencies=[Depends(require_api_key)])
+    audio_limit = int(settings.speech.speech_max_upload_mb * 1024 * 1024)
+    app.add_middleware(
+        BodyLimitMiddleware,
+        limit=settings.server.max_body_bytes,
+        prefix_limits=(("/v1/audio/", audio_limit, "ALLINONE_SPEECH_MAX_UPLOAD_MB"),),
+    )
     app.add_middleware(MetricsMiddleware, metrics=state.metrics)
     server = settings.server
     if server.cors_origins:

@@ -11,23 +11,35 @@ from allinone.errors import PayloadTooLargeError, error_response
 
 class BodyLimitMiddleware:
     """Reads at most ``limit`` bytes of a request body; more is answered 413 before any route.
+    ``prefix_limits``: (path prefix, limit, setting name) for routes with a limit of their own
+    (audio uploads).
 
     The body is read up front and replayed, so routes never see a partial body and chunked
     uploads cannot slip past a Content-Length check."""
 
-    def __init__(self, app: ASGIApp, limit: int) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        limit: int,
+        prefix_limits: tuple[tuple[str, int, str], ...] = (),
+    ) -> None:
         self.app = app
         self.limit = limit
+        self.prefix_limits = prefix_limits
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
             await self.app(scope, receive, send)
             return
+        limit, setting = self.limit, "ALLINONE_MAX_BODY_BYTES"
+        for prefix, prefix_limit, prefix_setting in self.prefix_limits:
+            if scope["path"].startswith(prefix):
+                limit, setting = prefix_limit, prefix_setting
         too_big = PayloadTooLargeError(
-            f"the request body is over {self.limit} bytes (ALLINONE_MAX_BODY_BYTES); send less"
+            f"the request body is over {limit} bytes ({setting}); send less"
         )
         for name, value in scope.get("headers", []):
-            if name == b"content-length" and value.isdigit() and int(value) > self.limit:
+            if name == b"content-length" and value.isdigit() and int(value) > limit:
                 await error_response(too_big)(scope, receive, send)
                 return
         chunks: list[bytes] = []
@@ -38,7 +50,7 @@ class BodyLimitMiddleware:
                 return
             body = message.get("body", b"")
             size += len(body)
-            if size > self.limit:
+            if size > limit:
                 await error_response(too_big)(scope, receive, send)
                 return
             chunks.append(body)

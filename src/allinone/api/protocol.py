@@ -505,5 +505,9 @@ class ExtractResponse(BaseModel):
     task: str
     model: str
     output: dict[str, str]
+    scores: dict[str, dict[str, float]] = Field(
+        default_factory=dict,
+        description="Per label field, every label's probability (the output is the top one)",
+    )
     usage: UsageInfo
     latency_ms: float

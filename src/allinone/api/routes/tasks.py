@@ -88,6 +88,7 @@ async def extract(body: ExtractRequest, request: Request) -> ExtractResponse:
         task=result.task,
         model=service.backend.model_id,
         output=result.output,
+        scores=result.scores,
         usage=UsageInfo(
             prompt_tokens=result.prompt_tokens,
             completion_tokens=result.completion_tokens,

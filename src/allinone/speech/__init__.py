@@ -1,0 +1,1 @@
+"""Speech in: audio decoding, Whisper transcription (faster-whisper) and its serving worker."""
