@@ -38,8 +38,9 @@ async def ready(request: Request) -> dict:
     return {
         "status": "ready",
         "model": backend.model_id,
+        "speech_model": state.speech.transcriber.name if state.speech else None,
         "load_seconds": state.load_seconds,
-        "engine": backend.stats(),
+        "engine": state.engine_stats(),
     }
 
 
