@@ -283,6 +283,14 @@ def test_a_client_that_hangs_up_cancels_its_transcription(speech_server):
     _serves(speech_server)
 
 
+def test_the_request_timeout_answers_504_and_cancels_the_transcription(tiny_server):
+    srv = tiny_server(ALLINONE_SPEECH="true", ALLINONE_REQUEST_TIMEOUT_S="1")
+    r = _transcribe(srv, "zh.flac", (AUDIO / "zh_f2.flac").read_bytes())
+    assert r.status_code == 504 and r.json()["error"]["code"] == "timeout", r.text
+    _speech_idle(srv)
+    assert _metric(srv, 'allinone_transcriptions_total{outcome="cancelled"}') == 1
+
+
 def test_the_voice_note_pipeline_returns_transcript_summary_and_emotion(speech_server):
     for clip, language in (("en.flac", "en"), ("zh_f2.flac", "zh")):
         r = httpx.post(

@@ -20,10 +20,10 @@ from starlette.datastructures import UploadFile
 
 from allinone.api.state import ServerState
 from allinone.backends.base import PromptTooLongError
-from allinone.errors import InvalidRequestError, NotFoundError, to_api_error
+from allinone.errors import InvalidRequestError, NotFoundError, ShuttingDownError, to_api_error
 from allinone.speech import formats
 from allinone.speech.audio import AudioError, probe_duration
-from allinone.speech.transcriber import TranscribeOptions, Transcript
+from allinone.speech.transcriber import TranscribeOptions, Transcript, TranscriptionCancelled
 from allinone.tasks import TaskError
 
 router = APIRouter(tags=["audio"])
@@ -176,6 +176,8 @@ async def _transcribe(
         return await state.bounded(
             speech.result(job), "the transcription", deadline=deadline, request=request
         )
+    except TranscriptionCancelled as exc:  # the worker was closed under it: shutting down
+        raise ShuttingDownError(f"the transcription was stopped: {exc}") from exc
     except AudioError as exc:
         code = "audio_too_long" if exc.too_long else "invalid_audio"
         raise InvalidRequestError(str(exc), param="file", code=code) from exc
