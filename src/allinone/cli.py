@@ -613,27 +613,26 @@ def cmd_models(args: argparse.Namespace) -> int:
     for name in names:
         entry = get_entry(name)
         voice = speech.get_speech_entry(name) if entry is None else None
-        if entry is None and voice is None:
+        fetch: Any
+        verify: Any
+        path: Any
+        if entry is not None:
+            fetch, verify, path = fetching.fetch, fetching.verify, fetching.model_path
+            what: Any = entry
+        elif voice is not None:
+            fetch, verify, path = speech.fetch_speech, speech.verify_speech, speech.speech_dir
+            what = voice
+        else:
             known = [*CATALOG, *speech.SPEECH_CATALOG]
             print(f"unknown model {name!r}; catalog: {', '.join(known)}", file=sys.stderr)
             return 2
-        if voice is not None:
-            if args.action == "fetch":
-                print(speech.fetch_speech(voice, cache))
-            elif args.action == "verify":
-                speech.verify_speech(voice, cache)
-                print(f"{voice.name}: sha256 ok ({len(voice.files)} files)")
-            elif args.action == "path":
-                print(speech.speech_dir(voice, cache))
-            continue
-        assert entry is not None
         if args.action == "fetch":
-            print(fetching.fetch(entry, cache))
+            print(fetch(what, cache))
         elif args.action == "verify":
-            fetching.verify(entry, cache)
-            print(f"{entry.name}: sha256 ok")
+            verify(what, cache)
+            print(f"{what.name}: sha256 ok")
         elif args.action == "path":
-            print(fetching.model_path(entry, cache))
+            print(path(what, cache))
     return 0
 
 

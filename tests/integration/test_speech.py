@@ -291,13 +291,18 @@ def test_the_request_timeout_answers_504_and_cancels_the_transcription(tiny_serv
     assert _metric(srv, 'allinone_transcriptions_total{outcome="cancelled"}') == 1
 
 
+def _summary(srv, clip: str, **form) -> httpx.Response:
+    return httpx.post(
+        f"{srv.url}/v1/audio/summaries",
+        files={"file": (clip, (AUDIO / clip).read_bytes())},
+        data=form,
+        timeout=300,
+    )
+
+
 def test_the_voice_note_pipeline_returns_transcript_summary_and_emotion(speech_server):
     for clip, language in (("en.flac", "en"), ("zh_f2.flac", "zh")):
-        r = httpx.post(
-            f"{speech_server.url}/v1/audio/summaries",
-            files={"file": (clip, (AUDIO / clip).read_bytes())},
-            timeout=300,
-        )
+        r = _summary(speech_server, clip)
         assert r.status_code == 200, r.text
         body = r.json()
         assert body["transcript"]["language"] == language and body["transcript"]["text"]
@@ -307,23 +312,13 @@ def test_the_voice_note_pipeline_returns_transcript_summary_and_emotion(speech_s
         assert set(probs) == VOICE_NOTE_LABELS and sum(probs.values()) == pytest.approx(1.0)
         assert max(probs, key=probs.get) == body["output"]["emotion"]
         assert body["usage"]["audio_seconds"] > 10 and body["timings_ms"]["total"] > 0
-    r = httpx.post(
-        f"{speech_server.url}/v1/audio/summaries",
-        files={"file": ("en.flac", (AUDIO / "en.flac").read_bytes())},
-        data={"task": "sentiment"},
-        timeout=60,
-    )
+    r = _summary(speech_server, "en.flac", task="sentiment")
     assert r.status_code == 400 and r.json()["error"]["param"] == "task", r.text
 
 
 def test_the_english_voice_note_is_heard_as_angry(speech_server):
     # it says "I am very angry" and threatens a complaint
-    r = httpx.post(
-        f"{speech_server.url}/v1/audio/summaries",
-        files={"file": ("en.flac", (AUDIO / "en.flac").read_bytes())},
-        data={"language": "en"},
-        timeout=300,
-    )
+    r = _summary(speech_server, "en.flac", language="en")
     assert r.status_code == 200 and r.json()["output"]["emotion"] == "angry", r.text
 
 
