@@ -1,6 +1,8 @@
 """Speech in: real-time factor, memory and the voice-note pipeline, side by side in one run.
 
-One server process at a time, the default LLM, same threads:
+0. Whisper in this process, nothing else running: RTF with 1 and 2 CTranslate2 threads, and
+   each clip's accuracy (WER / CER against tests/data/audio/*.txt).
+Then one server process at a time, the default LLM, same threads:
 1. Memory: the server without --speech, then with it (RSS after load and peak VmHWM after the
    transcriptions), so the speech model's cost is the difference.
 2. Real-time factor (transcription time / audio seconds, server side) of Whisper alone on the
@@ -140,6 +142,42 @@ def med(rows: list[dict], key: str) -> float:
     return round(statistics.median(r[key] for r in rows), 3)
 
 
+def in_process(rounds: int, speech_model: str) -> dict:
+    """RTF alone at 1 and 2 threads, and accuracy, with no server."""
+    sys.path.insert(0, str(ROOT / "tests" / "integration"))
+    from test_speech import cer, wer
+
+    from allinone.models.speech import fetch_speech, get_speech_entry
+    from allinone.speech.audio import decode
+    from allinone.speech.transcriber import TranscribeOptions, Transcriber
+
+    entry = get_speech_entry(speech_model)
+    assert entry is not None
+    refs = {
+        "en": (AUDIO / "en.txt").read_text().strip(),
+        "zh": (AUDIO / "zh_f2.txt").read_text().strip(),
+    }
+    out: dict = {}
+    for threads in (1, 2):
+        model = Transcriber(fetch_speech(entry), entry.name, entry.multilingual, threads=threads)
+        model.transcribe(decode((AUDIO / "en.flac").read_bytes(), 600).samples, TranscribeOptions())
+        for clip in CLIPS:
+            if not entry.multilingual and clip.startswith("zh"):
+                continue
+            samples = decode((AUDIO / clip).read_bytes(), 600).samples
+            runs = [model.transcribe(samples, TranscribeOptions()) for _ in range(rounds)]
+            ref = refs["zh" if clip.startswith("zh") else "en"]
+            err = cer(ref, runs[0].text) if clip.startswith("zh") else wer(ref, runs[0].text)
+            out[f"{clip} threads={threads}"] = {
+                "rtf": round(statistics.median(r.rtf for r in runs), 3),
+                "error_rate": round(err, 3),
+                "text": runs[0].text,
+            }
+            print(f"in process, {clip}, {threads} thread(s): {out[f'{clip} threads={threads}']}")
+        del model
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rounds", type=int, default=3)
@@ -150,6 +188,7 @@ def main() -> None:
     model = str(ensure_model("default"))
     env = {"ALLINONE_THREADS": str(args.threads), "ALLINONE_MODEL_ID": "default"}
     result: dict = {"machine": machine(), "args": vars(args)}
+    result["in_process"] = in_process(args.rounds, args.speech_model)
 
     with ServerProcess.running(model, env) as srv:
         httpx.post(
