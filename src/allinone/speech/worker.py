@@ -139,6 +139,7 @@ class SpeechWorker:
             if job is None:
                 break
             if job.cancelled.is_set() or not job.future.set_running_or_notify_cancel():
+                job.future.cancel()  # its caller is gone (a no-op if already cancelled)
                 self._count("cancelled")
                 continue
             self._running = job

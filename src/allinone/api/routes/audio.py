@@ -235,7 +235,7 @@ async def summaries(request: Request) -> JSONResponse:
     state: ServerState = request.app.state.server
     t0 = time.perf_counter()
     deadline = time.monotonic() + state.settings.server.request_timeout_s
-    state.require_speech()
+    speech = state.require_speech()
     fields, data = await _read_form(request, _SUMMARY_FIELDS)
     task_name = _text(fields, "task") or "voice-note"
     request.state.task = task_name
@@ -274,7 +274,7 @@ async def summaries(request: Request) -> JSONResponse:
             "object": "audio.summary",
             "task": task_name,
             "model": service.backend.model_id,
-            "speech_model": state.require_speech().transcriber.name,
+            "speech_model": speech.transcriber.name,
             "transcript": {
                 "text": transcript.text,
                 "language": transcript.language,
