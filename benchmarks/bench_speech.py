@@ -3,8 +3,9 @@
 0. Whisper in this process, nothing else running: RTF with 1 and 2 CTranslate2 threads, and
    each clip's accuracy (WER / CER against tests/data/audio/*.txt).
 Then one server process at a time, the default LLM, same threads:
-1. Memory: the server without --speech, then with it (RSS after load and peak VmHWM after the
-   transcriptions), so the speech model's cost is the difference.
+1. Memory (RSS and peak VmHWM): the server without --speech after load and after 30 s of 4 chats;
+   then with it, after load, after the transcriptions, and after the chats as well, so the speech
+   model's cost is the difference at the same point.
 2. Real-time factor (transcription time / audio seconds, server side) of Whisper alone on the
    committed clips (English 15.1 s, Mandarin 23.4 s, English 20.5 s), median of ``--rounds``.
 3. The same while 4 chats generate (streamed, 200-token replies, sent back to back), and the chats'
@@ -191,18 +192,14 @@ def main() -> None:
     result["in_process"] = in_process(args.rounds, args.speech_model)
 
     with ServerProcess.running(model, env) as srv:
-        httpx.post(
-            f"{srv.url}/v1/chat/completions",
-            json={
-                **CHAT,
-                "stream": False,
-                "max_tokens": 16,
-                "messages": [{"role": "user", "content": "hi"}],
-            },
-            timeout=300,
-        )
-        result["memory_without_speech"] = memory(srv.pid)
-    print(f"memory without speech: {result['memory_without_speech']}")
+        result["memory_without_speech_loaded"] = memory(srv.pid)
+        with ChatLoad(srv.url, "default") as load:
+            result["chat_tok_s_without_speech"] = round(load.rate(30), 2)
+        result["memory_without_speech_after_chats"] = memory(srv.pid)
+    print(
+        f"memory without speech: loaded {result['memory_without_speech_loaded']}, after 30 s "
+        f"of 4 chats {result['memory_without_speech_after_chats']}"
+    )
 
     speech_env = {
         **env,
@@ -216,6 +213,7 @@ def main() -> None:
         transcribe(srv.url, "en.flac")  # warm-up (first call builds CTranslate2's caches)
         alone = {c: [transcribe(srv.url, c) for _ in range(args.rounds)] for c in CLIPS}
         result["rtf_alone"] = {c: med(rows, "rtf") for c, rows in alone.items()}
+        result["memory_with_speech_after_transcriptions"] = memory(srv.pid)
         print(f"RTF alone: {result['rtf_alone']}")
         result["pipeline_alone"] = [summary(srv.url, "en_20s.flac") for _ in range(args.rounds)]
         print(f"pipeline alone (20.5 s clip): {med(result['pipeline_alone'], 'latency_s')} s")
