@@ -242,8 +242,9 @@ def main() -> None:
         )
         result["memory_with_speech_after"] = memory(srv.pid)
     print(
-        f"memory with speech: loaded {result['memory_with_speech_loaded']}, "
-        f"after the run {result['memory_with_speech_after']}"
+        f"memory with speech: loaded {result['memory_with_speech_loaded']}, after the "
+        f"transcriptions {result['memory_with_speech_after_transcriptions']}, after the "
+        f"chats too {result['memory_with_speech_after']}"
     )
     print(f"wrote {write_result('bench_speech', result)}")
 
