@@ -119,18 +119,14 @@ def cmd_listen(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from allinone.runtime import make_transcriber
-    from allinone.speech.audio import AudioError, decode, probe_duration
+    from allinone.speech.audio import AudioError, check_duration, decode
     from allinone.speech.transcriber import TranscribeOptions
 
     settings = _settings(args)
     data = args.file.read_bytes()
     limit = settings.speech.speech_max_duration_s
     try:
-        declared = probe_duration(data)
-        if declared is not None and declared > limit:
-            raise AudioError(
-                f"the audio lasts {declared:.1f} s; --speech-max-duration-s is {limit:g}"
-            )
+        check_duration(data, limit)
         audio = decode(data, limit)
     except AudioError as exc:
         raise ValueError(f"{args.file}: {exc}") from exc

@@ -63,6 +63,20 @@ def probe_duration(data: bytes) -> float | None:
         ) from exc
 
 
+def check_duration(data: bytes, max_seconds: float) -> float | None:
+    """Refuse, before any decoding, a file that is not audio or whose header declares more than
+    ``max_seconds`` (AudioError, ``too_long`` for the latter); the declared duration or None.
+    ``decode`` enforces the limit again on the samples, whatever the header said."""
+    declared = probe_duration(data)
+    if declared is not None and declared > max_seconds:
+        raise AudioError(
+            f"the audio lasts {declared:.1f} s; at most {max_seconds:g} s is accepted "
+            "(ALLINONE_SPEECH_MAX_DURATION_S): send a shorter file",
+            too_long=True,
+        )
+    return declared
+
+
 def decode(data: bytes, max_seconds: float) -> Audio:
     """Decode ``data`` to 16 kHz mono. AudioError (``too_long``) once the audio passes
     ``max_seconds``, or when it is not decodable audio, or when it holds no samples."""

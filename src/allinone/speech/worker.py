@@ -38,7 +38,6 @@ class SpeechJob:
     data: bytes
     options: TranscribeOptions
     max_seconds: float
-    on_progress: Callable[[float], None] | None = None
     future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
     cancelled: threading.Event = field(default_factory=threading.Event)
 
@@ -78,7 +77,6 @@ class SpeechWorker:
         data: bytes,
         options: TranscribeOptions,
         max_seconds: float,
-        on_progress: Callable[[float], None] | None = None,
     ) -> SpeechJob:
         """Queue an upload; EngineOverloadedError when the shared queue is full."""
         if self.waiting + self.other_waiting() >= self.max_queue:
@@ -86,7 +84,7 @@ class SpeechWorker:
                 f"the wait queue is full ({self.max_queue} requests, transcriptions and chats "
                 "together); retry later"
             )
-        job = SpeechJob(data, options, max_seconds, on_progress)
+        job = SpeechJob(data, options, max_seconds)
         self._jobs.put(job)
         self._gauge()
         return job
@@ -97,20 +95,6 @@ class SpeechWorker:
             return await asyncio.wrap_future(job.future)
         finally:
             job.cancelled.set()  # no-op once it finished
-
-    def transcribe(
-        self,
-        data: bytes,
-        options: TranscribeOptions,
-        max_seconds: float,
-        on_progress: Callable[[float], None] | None = None,
-    ) -> Transcript:
-        """Blocking form (the CLI): submit and wait."""
-        job = self.submit(data, options, max_seconds, on_progress)
-        try:
-            return job.future.result()
-        finally:
-            job.cancelled.set()
 
     def stats(self) -> dict[str, Any]:
         """Waiting and running jobs, for health and metrics."""
@@ -147,7 +131,7 @@ class SpeechWorker:
                 audio = decode(job.data, job.max_seconds)
                 job.data = b""  # the upload is no longer needed while Whisper runs
                 result = self.transcriber.transcribe(
-                    audio.samples, job.options, job.cancelled.is_set, job.on_progress
+                    audio.samples, job.options, job.cancelled.is_set
                 )
             except TranscriptionCancelled as exc:
                 self._count("cancelled")

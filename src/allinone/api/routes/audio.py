@@ -22,8 +22,9 @@ from allinone.api.state import ServerState
 from allinone.backends.base import PromptTooLongError
 from allinone.errors import InvalidRequestError, NotFoundError, ShuttingDownError, to_api_error
 from allinone.speech import formats
-from allinone.speech.audio import AudioError, probe_duration
+from allinone.speech.audio import AudioError, check_duration
 from allinone.speech.transcriber import TranscribeOptions, Transcript, TranscriptionCancelled
+from allinone.speech.worker import SpeechWorker
 from allinone.tasks import TaskError
 
 router = APIRouter(tags=["audio"])
@@ -102,10 +103,9 @@ def _text(fields: dict[str, list[Any]], name: str) -> str | None:
 
 
 def _options(
-    state: ServerState, fields: dict[str, list[Any]], words: bool = False
+    speech: SpeechWorker, fields: dict[str, list[Any]], words: bool = False
 ) -> TranscribeOptions:
     """The transcription options from the form, checked against the loaded speech model."""
-    speech = state.require_speech()
     model = _text(fields, "model")
     name = speech.transcriber.name
     if model not in (None, "", name, *MODEL_ALIASES):
@@ -148,29 +148,24 @@ def _options(
     )
 
 
-def _check_duration(state: ServerState, data: bytes) -> float:
-    """Refuse a file that is not audio, or declares more than the duration limit, before any
-    work (the decoder enforces the limit again on the samples)."""
-    limit = state.settings.speech.speech_max_duration_s
-    try:
-        declared = probe_duration(data)
-    except AudioError as exc:
-        raise InvalidRequestError(str(exc), param="file", code="invalid_audio") from exc
-    if declared is not None and declared > limit:
-        raise InvalidRequestError(
-            f"the audio lasts {declared:.1f} s; at most {limit:g} s is accepted "
-            "(ALLINONE_SPEECH_MAX_DURATION_S): send a shorter file",
-            param="file",
-            code="audio_too_long",
-        )
-    return limit
+def _audio_error(exc: AudioError) -> InvalidRequestError:
+    code = "audio_too_long" if exc.too_long else "invalid_audio"
+    return InvalidRequestError(str(exc), param="file", code=code)
 
 
 async def _transcribe(
-    state: ServerState, request: Request, data: bytes, options: TranscribeOptions, deadline: float
+    state: ServerState,
+    speech: SpeechWorker,
+    request: Request,
+    data: bytes,
+    options: TranscribeOptions,
+    deadline: float,
 ) -> Transcript:
-    limit = _check_duration(state, data)
-    speech = state.require_speech()
+    limit = state.settings.speech.speech_max_duration_s
+    try:
+        check_duration(data, limit)  # before any work is queued
+    except AudioError as exc:
+        raise _audio_error(exc) from exc
     job = speech.submit(data, options, limit)
     try:
         return await state.bounded(
@@ -179,8 +174,7 @@ async def _transcribe(
     except TranscriptionCancelled as exc:  # the worker was closed under it: shutting down
         raise ShuttingDownError(f"the transcription was stopped: {exc}") from exc
     except AudioError as exc:
-        code = "audio_too_long" if exc.too_long else "invalid_audio"
-        raise InvalidRequestError(str(exc), param="file", code=code) from exc
+        raise _audio_error(exc) from exc
     except ValueError as exc:  # a language the model refuses
         raise InvalidRequestError(str(exc), param="language") from exc
 
@@ -192,7 +186,7 @@ async def _transcribe(
 async def transcriptions(request: Request):
     state: ServerState = request.app.state.server
     deadline = time.monotonic() + state.settings.server.request_timeout_s
-    state.require_speech()
+    speech = state.require_speech()
     fields, data = await _read_form(request, _TRANSCRIBE_FIELDS)
     response_format = (_text(fields, "response_format") or "json").strip()
     if response_format not in formats.RESPONSE_FORMATS:
@@ -217,8 +211,8 @@ async def transcriptions(request: Request):
             "timestamp_granularities needs response_format 'verbose_json'",
             param="timestamp_granularities",
         )
-    options = _options(state, fields, words="word" in grains)
-    transcript = await _transcribe(state, request, data, options, deadline)
+    options = _options(speech, fields, words="word" in grains)
+    transcript = await _transcribe(state, speech, request, data, options, deadline)
     body = formats.render(transcript, response_format, frozenset(grains))
     headers = {"x-audio-duration-s": f"{transcript.duration:.3f}", "x-rtf": f"{transcript.rtf:.3f}"}
     if isinstance(body, dict):
@@ -249,8 +243,8 @@ async def summaries(request: Request) -> JSONResponse:
             "(e.g. voice-note)",
             param="task",
         )
-    options = _options(state, fields)
-    transcript = await _transcribe(state, request, data, options, deadline)
+    options = _options(speech, fields)
+    transcript = await _transcribe(state, speech, request, data, options, deadline)
     heard = time.perf_counter()
     if not transcript.text.strip():
         raise InvalidRequestError(
