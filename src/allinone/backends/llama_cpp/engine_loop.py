@@ -624,6 +624,8 @@ class EngineLoop:
             if error is not None or not self._reuses(req):
                 # Failed requests may have half-written cells.
                 self.seqs.clear_slot(req.slot)
+            elif self.seqs.ram is not None:
+                self.seqs.park(req.slot)
             self.seqs.free_slots.append(req.slot)
             req.slot = -1
         if req in self._active:

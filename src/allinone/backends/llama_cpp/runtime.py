@@ -28,6 +28,9 @@ class ContextShape:
     n_seq_max: int
     n_batch: int
     threads: int
+    # One KV buffer for all sequences (the engine needs it: see below). False gives each
+    # sequence its own buffer, as llama-server's slots have (benchmarks/bench_kv_spread.py).
+    kv_unified: bool = True
 
 
 _native_log = logging.getLogger("allinone.llama_cpp.native")
@@ -74,7 +77,7 @@ class LlamaRuntime:
         cparams.n_threads_batch = shape.threads
         # One KV buffer for all sequences: copying a task prefix into a request's sequence then
         # only tags the prefix cells with one more sequence id instead of duplicating them.
-        cparams.kv_unified = True
+        cparams.kv_unified = shape.kv_unified
         cparams.no_perf = True
         self.ctx = lib.llama_init_from_model(self.model, cparams)
         if not self.ctx:
