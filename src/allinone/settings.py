@@ -98,8 +98,9 @@ class EngineSettings(BaseSettings):
     )
     reuse_slots: bool = Field(
         True,
-        description="Keep a finished chat's KV cells in its sequence so the next turn of the "
-        "conversation evaluates only its new tokens",
+        description="Start a chat's next turn from its earlier turns' KV cells (restored from "
+        "host memory; kept in its sequence when the prompt cache is off), so it evaluates only "
+        "its new tokens",
     )
     prompt_cache_mb: int = Field(
         128,

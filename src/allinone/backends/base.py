@@ -150,6 +150,9 @@ class RequestHandle:
         self._wakeup: asyncio.Event | None = None
         self._lock = threading.Lock()
         self.cancelled = threading.Event()
+        # Each wake-up runs the event loop's thread, which on a machine with as many cores as
+        # llama.cpp has threads preempts one of them mid-step.
+        self._wake_on_text = True
         try:
             self._loop = asyncio.get_running_loop()
             self._wakeup = asyncio.Event()
@@ -159,6 +162,8 @@ class RequestHandle:
     # -- engine side -------------------------------------------------------------------------
     def _put(self, kind: str, value: Any) -> None:
         self._q.put((kind, value))
+        if kind in ("text", "logprobs") and not self._wake_on_text:
+            return  # the caller awaits only the end (``result_async``): no wake-up per token
         if self._loop is not None and self._wakeup is not None:
             try:
                 self._loop.call_soon_threadsafe(self._wakeup.set)
@@ -224,6 +229,7 @@ class RequestHandle:
 
     async def result_async(self) -> Finished:
         """Await the request's Finished event."""
+        self._wake_on_text = False
         async for kind, value in self.aevents():
             if kind == "done":
                 return value

@@ -60,6 +60,13 @@ def sample_token(logits: np.ndarray, params: GenerationParams, rng: np.random.Ge
     temperature too small to divide by (5e-324) gives -inf for every other token, i.e. greedy,
     never NaN probabilities.
     """
+    if params.temperature <= 0.0:
+        # argmax over the logits as they are, without a float64 copy and a finiteness check of
+        # all of them each step; np.argmax returns a NaN's index when there is one, and then
+        # the checked path below decides.
+        best = int(np.argmax(logits))
+        if not np.isnan(logits[best]):
+            return best
     x = logits.astype(np.float64)
     if not np.isfinite(x).all():
         x = np.nan_to_num(x, nan=-np.inf, neginf=-np.inf, posinf=np.inf)
