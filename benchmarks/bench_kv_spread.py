@@ -4,15 +4,19 @@ llama.cpp's attention runs over every cell up to the highest one in use and chec
 the mask (per query row and head) even where the mask hides it. With one KV buffer for every
 sequence (ours: task prefixes and forks share cells by ``seq_cp``) a sequence's step therefore
 pays for the other sequences' cells; llama-server gives each slot a buffer of its own
-(``kv_unified = false``). Three contexts of the same model, decoding in turn (the machine's
-drift over seconds hits all of them), one decode step at a time:
+(``kv_unified = false``). Four contexts of the same model, decoding in turn (the machine's
+drift over seconds hits all of them alike), one decode step at a time:
 
 - ``split``: per-sequence buffers, as llama-server's slots;
-- ``unified``: one buffer, only the decoding sequences hold cells (what the engine keeps since
-  finished chats go to host memory: ``SequencePools.park``);
-- ``unified + idle``: one buffer where 7 idle sequences still hold ``--prompt`` cells each and
-  one more holds 64 cells ``--far`` cells up (what finished chats left behind before).
+- ``unified``: one buffer holding only the decoding sequences' cells (what the engine keeps
+  since finished chats go to host memory: ``SequencePools.park``);
+- ``unified + idle``: one buffer where the sequences that do not decode still hold their
+  ``--prompt`` cells (idle chats, as finished chats were left before);
+- ``unified + idle + far``: the same plus 64 cells of one more sequence ``--far`` cells up in
+  the buffer (cells of a chat that happened to be placed late).
 
+8 sequences decode first (each holding ``--prompt`` cells in every context), then one (the
+other 7 leave ``split`` and ``unified``, stay in the ``idle`` ones).
 Prints ms per step (median) for 1 and 8 decoding sequences and each layout's median step-by-step
 ratio to ``split``.
 Usage: .venv/bin/python benchmarks/bench_kv_spread.py [--prompt 200] [--far 7000] [--steps 60]
@@ -62,20 +66,20 @@ def main() -> None:
         "split": LlamaRuntime(model, dataclasses.replace(shape, kv_unified=False)),
         "unified": LlamaRuntime(model, shape),
         "unified + idle": LlamaRuntime(model, shape),
+        "unified + idle + far": LlamaRuntime(model, shape),
     }
     for rt in rts.values():
         for s in range(N_SEQ):
             fill(rt, s, args.prompt)
-    idle = rts["unified + idle"]
-    fill(idle, N_SEQ, args.far)
-    idle.lib.llama_memory_seq_rm(idle.mem, N_SEQ, 0, args.far - 64)
+    far = rts["unified + idle + far"]
+    fill(far, N_SEQ, args.far)
+    far.lib.llama_memory_seq_rm(far.mem, N_SEQ, 0, args.far - 64)
     result: dict = {"machine": machine(), "model": model.name, "args": vars(args)}
-    for n_active in (1, N_SEQ):
+    for n_active in (N_SEQ, 1):
         active = list(range(n_active))
-        for name, rt in rts.items():
-            if name != "unified + idle":  # only the decoding sequences hold cells
-                for s in range(n_active, N_SEQ):
-                    rt.seq_rm(s)
+        for name in ("split", "unified"):  # only the decoding sequences hold cells
+            for s in range(n_active, N_SEQ):
+                rts[name].seq_rm(s)
         times: dict[str, list[float]] = {name: [] for name in rts}
         for k in range(args.steps):
             order = list(rts.items())

@@ -107,7 +107,7 @@ class EngineSettings(BaseSettings):
         ge=0,
         le=1048576,
         description="Host memory for finished chats' KV cells, restored when a conversation "
-        "returns after its sequence went to another request (0: off)",
+        "returns (0: off; finished chats then keep their cells in their sequences)",
     )
     max_queue: int = Field(
         1024,

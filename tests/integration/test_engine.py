@@ -164,13 +164,15 @@ def _turns(backend, reply):
     return backend.render_chat(first, 1), backend.render_chat(second, 1)
 
 
-def test_next_chat_turn_evaluates_only_its_new_tokens(tiny_backend_factory):
-    backend = tiny_backend_factory(parallel=2)
+@pytest.mark.parametrize("cache_mb", [128, 0])
+def test_next_chat_turn_evaluates_only_its_new_tokens(tiny_backend_factory, cache_mb):
+    # with the host-memory cache the first turn waits there, without it in its slot
+    backend = tiny_backend_factory(parallel=2, prompt_cache_mb=cache_mb)
     p1, _ = _turns(backend, "")
     reply, fin1 = collect(backend.generate(p1, GenerationParams(max_tokens=16)))
     _, p2 = _turns(backend, reply)
     text, fin2 = collect(backend.generate(p2, GenerationParams(max_tokens=16)))
-    # the whole first turn (prompt and reply) came from the slot's cells
+    # the whole first turn (prompt and reply) came back instead of being evaluated again
     assert fin2.usage.cached_tokens >= fin1.usage.prompt_tokens + fin1.usage.completion_tokens - 2
     assert fin2.usage.prompt_tokens > fin2.usage.cached_tokens
     # and the answer is the one a fresh evaluation of the whole conversation gives
@@ -244,6 +246,23 @@ def test_a_finished_chat_waits_in_host_memory_not_in_the_kv_cache(tiny_backend_f
     assert_no_leaks(backend)
 
 
+def test_a_chat_too_big_for_host_memory_waits_in_its_slot(tiny_backend_factory):
+    # ~1.2 MB of cells for this conversation with the tiny model, a 1 MB cache: it cannot be
+    # saved, so it keeps its cells in its slot and its next turn still starts from them
+    backend = tiny_backend_factory(parallel=1, prompt_cache_mb=1)
+    params = GenerationParams(max_tokens=16)
+    first = _conversation(backend, [(FIRST_QUESTION, None)])
+    reply, fin1 = collect(backend.generate(first, params))
+    assert backend.rt.seq_pos_max(0) >= 0 and backend.stats()["prompt_cache_entries"] == 0
+    second = _conversation(backend, [(FIRST_QUESTION, reply), ("And in spring?", None)])
+    text, fin2 = collect(backend.generate(second, params))
+    assert fin2.usage.cached_tokens >= fin1.usage.prompt_tokens + fin1.usage.completion_tokens - 2
+    assert backend.stats()["restored_tokens"] == 0
+    fresh = tiny_backend_factory(parallel=1, reuse_slots=False)
+    assert text == collect(fresh.generate(second, params))[0]
+    assert_no_leaks(backend)
+
+
 def test_a_chat_pushed_out_of_host_memory_is_evaluated_again(tiny_backend_factory):
     # 2 MB holds one of these conversations (~1.2 MB each for the tiny model): the second chat
     # pushes the first out, whose next turn is then evaluated in full, with the same reply.
@@ -290,7 +309,7 @@ def test_a_classification_never_reuses_what_ran_before(tiny_backend_factory):
     backend = tiny_backend_factory(parallel=1)
     p = chat_prompt(backend, "Is this good or bad? The room was clean.")
     first = backend.score_choices(p, ["good", "bad"]).result(timeout=60)
-    collect(backend.generate(p, GenerationParams(max_tokens=4)))  # leaves its cells in the slot
+    collect(backend.generate(p, GenerationParams(max_tokens=4)))  # a chat with the same tokens
     again = backend.score_choices(p, ["good", "bad"]).result(timeout=60)
     assert again.result == first.result  # bit-for-bit the same probabilities
     # the first evaluated the task prefix (in its own sequence, then shared); the second

@@ -230,9 +230,12 @@ class RequestHandle:
     async def result_async(self) -> Finished:
         """Await the request's Finished event."""
         self._wake_on_text = False
-        async for kind, value in self.aevents():
-            if kind == "done":
-                return value
+        try:
+            async for kind, value in self.aevents():
+                if kind == "done":
+                    return value
+        finally:
+            self._wake_on_text = True
         raise BackendError("request ended without a result")  # pragma: no cover
 
 

@@ -37,7 +37,7 @@ class EngineCollector:
             "split_steps": "Steps run as two decodes (a big prompt chunk met generating sequences)",
             "prefix_hits": "Requests served from a cached task prefix",
             "prefix_misses": "Requests whose prefix had to be evaluated",
-            "reused_tokens": "Prompt tokens kept from the chat that ran before in a sequence",
+            "reused_tokens": "Prompt tokens kept from an earlier turn of the same chat",
             "restored_tokens": "Prompt tokens of those brought back from host memory",
             "prompt_cache_saves": "Finished chats copied to host memory",
             "finished": "Engine requests finished",

@@ -11,15 +11,14 @@ evaluated once, by the first request that needs it (in its own slot, within a sh
 tagged with a prefix sequence and shared with each later request by ``seq_cp``, so a request
 pays only for its own tokens.
 
-A finished chat leaves its cells in its slot (``reuse_slots``): when the next request's tokens
-start with what a free slot holds, that slot is chosen, cut back to the shared part and only the
-rest is evaluated, so the next turn of a conversation costs its new tokens only. Classification
-and seeded sampling never reuse beyond the task prefix, so their results do not depend on what
-ran before.
-
-Finished chats whose slot goes to another request are saved to host memory first
-(``PromptCache``, ``prompt_cache_bytes``) and restored when the conversation comes back, as
-llama-server's ``--cache-ram`` does.
+A finished chat's cells are copied to host memory (``PromptCache``, ``prompt_cache_bytes``, as
+llama-server's ``--cache-ram``) and leave the KV cache (``SequencePools.park``: idle cells would
+slow every step); when the next request's tokens start with a saved chat's, the chat is copied
+back into a free slot, cut back to the shared part, and only the rest is evaluated, so the next
+turn of a conversation costs its new tokens only (``reuse_slots``). With the host-memory cache
+off, or for a chat too big for it, the cells wait in the slot instead and are reused from there.
+Classification and seeded sampling never reuse beyond the task prefix, so their results do not
+depend on what ran before.
 
 A request's life (``RequestState``), each transition made by one method:
 
@@ -625,7 +624,11 @@ class EngineLoop:
                 # Failed requests may have half-written cells.
                 self.seqs.clear_slot(req.slot)
             elif self.seqs.ram is not None:
-                self.seqs.park(req.slot)
+                try:
+                    self.seqs.park(req.slot)
+                except Exception:  # e.g. no memory for the copy: the chat's cells just go
+                    log.warning("could not save a finished chat to host memory", exc_info=True)
+                    self.seqs.clear_slot(req.slot)
             self.seqs.free_slots.append(req.slot)
             req.slot = -1
         if req in self._active:

@@ -1,9 +1,10 @@
-"""Finished chats' KV cells kept in host memory, so a conversation that comes back after its
-sequence went to someone else is restored instead of evaluated again.
+"""Finished chats' KV cells kept in host memory, so a conversation that comes back is restored
+instead of evaluated again.
 
-With more conversations than sequences (8 users on 4 slots), a chat's next turn usually finds
-its slot taken by another chat. Evaluating its whole history again costs ~4.5 ms a token here;
-copying the saved cells back took ~0.5 ms for a whole chat of a few hundred tokens.
+Every finished chat waits here rather than in its sequence (``SequencePools.park``: cells left
+in the KV cache slow every step), and with more conversations than sequences (8 users on 4
+slots) there is nowhere else to keep them. Evaluating a whole history again costs ~4.5 ms a
+token here; copying the saved cells back took ~0.5 ms for a whole chat of a few hundred tokens.
 llama.cpp's own server does the same (``--cache-ram``).
 """
 

@@ -204,6 +204,10 @@ class LlamaRuntime:
         a unified KV cache)."""
         self.lib.llama_memory_seq_cp(self.mem, src, dst, p0, p1)
 
+    def seq_state_size(self, seq: int) -> int:
+        """Bytes ``seq_save`` would copy for ``seq``."""
+        return int(self.lib.llama_state_seq_get_size(self.ctx, seq))
+
     def seq_save(self, seq: int) -> bytearray:
         """A copy of ``seq``'s cells (positions and K/V rows) for ``seq_restore``."""
         lib = self.lib

@@ -1,5 +1,5 @@
-"""The engine's sequence ids and what their KV cells hold: request slots (and the chats they keep
-for a next turn), cached task prefixes, scratch branches, and finished chats in host memory.
+"""The engine's sequence ids and what their KV cells hold: request slots, cached task prefixes,
+scratch branches, and finished chats in host memory (or, with that off, in their slots).
 
 Runs on the engine loop's thread only. Layout: ``backends/kv_layout.py``.
 """
@@ -79,7 +79,9 @@ class SequencePools:
         assert ram is not None  # only called with the prompt cache on
         full = list(req.prompt)
         key, n = ram.match(full, len(full) - 1)
-        if key < 0 or n < common + _RESTORE_MIN_GAIN:
+        # The task prefix comes from the prefix cache at no cost: a saved chat must beat that
+        # too (else every new chat with the same system prompt would bring back an old one).
+        if key < 0 or n < max(common, len(req.prefix_tokens)) + _RESTORE_MIN_GAIN:
             return common
         # Take the entry before saving what the slot holds: that save may evict it.
         entry = ram.get(key)
@@ -98,13 +100,16 @@ class SequencePools:
 
         Why not keep its cells in the slot: in the one KV buffer all sequences share, llama.cpp's
         attention runs over every cell up to the highest in use and checks each against the
-        mask, for every query row and head, so cells left in idle slots slow every later step.
-        ``benchmarks/bench_kv_spread.py`` (default model, 2 threads): a step of one sequence
-        took 1.18x (8 sequences: 1.25x) as long with 7 idle chats of 200 cells and one far up
-        in the buffer as with only the decoding sequences' cells, which match per-sequence
-        buffers (1.00x). Saving and restoring a chat of a few hundred cells costs ~1 ms each
-        way. Chats shorter than ``_SAVE_MIN_TOKENS`` are dropped (cheaper to evaluate again).
-        """
+        mask, for every query row and head, so cells left in idle slots slow every later step
+        (figures: ``benchmarks/bench_kv_spread.py`` and the README's Structured outputs).
+        Saving and restoring a chat of a few hundred cells costs ~1 ms each way. Chats shorter
+        than ``_SAVE_MIN_TOKENS`` are dropped (cheaper to evaluate again); a chat bigger than
+        the whole cache stays in its slot, reused from there as with the cache off (its cells
+        go when the KV cache runs out of room: ``drop_idle_cells``)."""
+        assert self.ram is not None  # only called with the prompt cache on
+        held = self.slot_tokens[slot]
+        if len(held) >= _SAVE_MIN_TOKENS and self.rt.seq_state_size(slot) > self.ram.max_bytes:
+            return
         self.save(slot)
         self.clear_slot(slot)
 
