@@ -54,6 +54,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from allinone.api import create_app
+    from allinone.api.http_protocol import HttpLimits, http_protocol
     from allinone.observability.logs import configure_json_logging
 
     settings = _settings(args)
@@ -69,10 +70,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
             state.begin_drain()
             super().handle_exit(sig, frame)
 
+    # httptools with the limits uvicorn lacks: header size and count (431), the time to send
+    # the headers and the pauses in a body (408).
+    protocol = http_protocol(
+        HttpLimits.from_settings(settings.server),
+        on_refuse=lambda reason: state.metrics.rejected.labels(reason).inc(),
+    )
     config = uvicorn.Config(
         app,
         host=settings.server.host,
         port=settings.server.port,
+        http=protocol,
         log_level=settings.server.log_level,
         log_config=None,
         # Past our own drain deadline requests end themselves with a clean error; uvicorn's hard

@@ -136,6 +136,9 @@ def is_systemone(path: str) -> bool:
 def error_response(exc: APIError, path: str = "") -> JSONResponse:
     """An APIError as a JSON response (``path``: the request's, which picks the body shape)."""
     headers = dict(exc.headers)
+    # Also set by the outermost middleware; here too for the answers Starlette's error handler
+    # sends from outside every middleware (an unexpected exception's 500).
+    headers.setdefault("X-Content-Type-Options", "nosniff")
     if 400 <= exc.status < 500 and exc.status not in (408, 409, 429):
         headers.setdefault("x-should-retry", "false")
     if is_systemone(path):
@@ -280,4 +283,9 @@ def register_exception_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _any(request: Request, exc: Exception) -> JSONResponse:
-        return error_response(to_api_error(exc), request.url.path)
+        response = error_response(to_api_error(exc), request.url.path)
+        # Starlette re-raises a bug after this answer is sent and uvicorn then drops the
+        # connection: without this header a keep-alive client (httpx, the openai SDK) would send
+        # its next request on it and see a reset instead of an answer.
+        response.headers["Connection"] = "close"
+        return response

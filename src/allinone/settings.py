@@ -13,6 +13,7 @@ from typing import Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from allinone.cpu_budget import cpu_budget
 from allinone.models.catalog import DEFAULT_MODEL
 from allinone.models.fetch import default_cache_dir
 
@@ -24,11 +25,9 @@ _COMMON = SettingsConfigDict(
 
 
 def _default_threads() -> int:
-    # llama.cpp decode is memory-bound; one thread per core available to this process is best.
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # pragma: no cover - non-Linux
-        return max(1, os.cpu_count() or 1)
+    # llama.cpp decode is memory-bound; one thread per CPU this process may use is best: its
+    # affinity mask, capped by a container's CPU quota (cpu_budget).
+    return cpu_budget().count
 
 
 class ModelSettings(BaseSettings):
@@ -216,6 +215,43 @@ class ServerSettings(BaseSettings):
         "the openai SDK's x-stainless-*)",
     )
     cors_credentials: bool = Field(False, description="CORS: allow cookies / credentials")
+    cors_private_network: bool = Field(
+        True,
+        description="CORS: answer Chrome's Private Network Access preflight "
+        "(Access-Control-Request-Private-Network) from the allowed origins, so a page on a public "
+        "site among cors_origins may call this server on a private address; false: refuse it",
+    )
+    # HTTP/1.1 limits, enforced before the request reaches the app (uvicorn bounds none of them).
+    max_header_bytes: int = Field(
+        65536,
+        ge=1024,
+        le=1 << 20,
+        description="Most bytes of a request's line and headers together (431 above)",
+    )
+    max_header_line_bytes: int = Field(
+        16384,
+        ge=256,
+        le=1 << 20,
+        description="Most bytes of one header (name and value; 431 above) or of the request "
+        "target (414 above)",
+    )
+    max_headers: int = Field(
+        100, ge=8, le=10000, description="Most header fields in one request (431 above)"
+    )
+    header_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        le=3600,
+        description="Seconds a client may take to send a request's line and headers, from "
+        "connecting or from the request's first byte; then 408 and the connection is closed",
+    )
+    body_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        le=3600,
+        description="Seconds a client may pause while sending a request body (between two "
+        "reads); then 408 and the connection is closed",
+    )
 
     @field_validator("overload_status")
     @classmethod

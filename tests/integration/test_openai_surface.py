@@ -385,7 +385,7 @@ def test_tokenize_and_detokenize_round_trip(server):
     "extra,param",
     [
         ({"functions": [{"name": "f"}]}, "functions"),
-        ({"top_k": 5}, "top_k"),
+        ({"mirostat": 2}, "mirostat"),
         ({"modalities": ["audio"]}, "modalities"),
         ({"logprobs": False, "top_logprobs": 2}, None),
         ({"tool_choice": "required"}, None),

@@ -90,5 +90,8 @@ def test_health_ready_and_tasks(server):
     assert httpx.get(f"{server.url}/health").json()["status"] == "ok"
     ready = httpx.get(f"{server.url}/ready")
     assert ready.status_code == 200 and ready.json()["model"] == "qwen-default"
+    # where the thread count comes from: affinity mask and any container CPU quota
+    threads = ready.json()["threads"]
+    assert threads["count"] >= 1 and threads["default"]["source"]
     tasks = {t["name"]: t for t in httpx.get(f"{server.url}/v1/tasks").json()["data"]}
     assert tasks["sentiment"]["labels"] == ["正面", "负面"]

@@ -9,6 +9,7 @@ panel there (the README's come from ``UI_SCREENSHOTS=docs/ui``)."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -62,6 +63,18 @@ class Page:
         self.ctx.close()
 
 
+# The page's Content-Security-Policy forbids eval, which wait_for_function's string predicates
+# run on: waits use selectors and Playwright's expect (its own isolated world) instead, with
+# wait_for_function's 30 s.
+WAIT_MS = 30_000
+
+
+def _expect(locator):
+    from playwright.sync_api import expect
+
+    return expect(locator)
+
+
 def _engine(url: str) -> dict:
     return httpx.get(f"{url}/ready", timeout=10).json()["engine"]
 
@@ -72,9 +85,7 @@ def _classify(page, task: str, text: str, expect: int = 1) -> list[str]:
     page.select_option("#classify-task", task)
     page.fill("#classify-input", text)
     page.click("#classify-form button[type=submit]")
-    page.wait_for_function(
-        f"document.querySelectorAll('#classify-results .result').length == {expect}"
-    )
+    _expect(page.locator("#classify-results .result")).to_have_count(expect, timeout=WAIT_MS)
     return page.locator("#classify-results .label").all_text_contents()
 
 
@@ -114,11 +125,9 @@ def test_classify_chat_stop_and_health_on_the_tiny_model(browser, tiny_server):
         page.fill("#chat-input", "Write a very long story about a dragon, with ten chapters.")
         before = _engine(srv.url)["cancelled"]
         page.click("#chat-send")
-        page.wait_for_function(
-            "document.querySelector('#chat-log .assistant .text').textContent.length > 0"
-        )
+        _expect(page.locator("#chat-log .assistant .text").first).not_to_be_empty(timeout=WAIT_MS)
         page.click("#chat-stop")
-        page.wait_for_function("document.querySelector('#chat-meta').dataset.finish !== undefined")
+        page.wait_for_selector("#chat-meta[data-finish]")
         assert page.get_attribute("#chat-meta", "data-finish") == "stopped"
         for _ in range(100):
             engine = _engine(srv.url)
@@ -130,9 +139,8 @@ def test_classify_chat_stop_and_health_on_the_tiny_model(browser, tiny_server):
 
         # health: the memory chart draws points, refreshed from the server
         _tab(page, "health")
-        page.wait_for_function(
-            "Number(document.querySelector('#chart-memory').dataset.points || 0) >= 2",
-            timeout=20_000,
+        _expect(page.locator("#chart-memory")).to_have_attribute(
+            "data-points", re.compile(r"^([2-9]|[1-9][0-9]+)$"), timeout=20_000
         )
         assert page.locator("#chart-memory canvas").count() == 1
         assert "MB" in page.text_content("#health-now")
@@ -163,7 +171,7 @@ def test_the_page_asks_for_the_key_when_the_server_needs_one(browser, tiny_serve
         assert page.text_content("#tab-classify") == "分类"  # the browser's language
         page.fill("#key-input", "wrong")
         page.click("#key-form button[type=submit]")
-        page.wait_for_function("document.querySelector('#key-error').textContent.length > 0")
+        _expect(page.locator("#key-error")).not_to_be_empty(timeout=WAIT_MS)
         page.fill("#key-input", "sekrit")
         page.click("#key-form button[type=submit]")
         page.wait_for_selector("#key-form", state="hidden")
@@ -196,7 +204,7 @@ def test_each_panel_on_the_default_model_on_a_phone_width_screen(browser, server
 
         _tab(page, "decide")
         page.click("#decide-form button[type=submit]")
-        page.wait_for_function("document.querySelectorAll('#decide-results .result').length == 2")
+        _expect(page.locator("#decide-results .result")).to_have_count(2, timeout=WAIT_MS)
         # "The parcel came two weeks late and the box was crushed." is about delivery
         assert page.locator("#decide-results .label").nth(1).text_content() == "delivery"
         shot("decide")
@@ -205,7 +213,7 @@ def test_each_panel_on_the_default_model_on_a_phone_width_screen(browser, server
         page.select_option("#chat-task", "chat")
         page.fill("#chat-input", "What is the capital of France?")
         page.click("#chat-send")
-        page.wait_for_function("document.querySelector('#chat-meta').dataset.finish")
+        page.wait_for_selector("#chat-meta[data-finish]:not([data-finish=''])")
         assert "Paris" in page.text_content("#chat-log .assistant .text")
         shot("chat")
 
@@ -215,7 +223,9 @@ def test_each_panel_on_the_default_model_on_a_phone_width_screen(browser, server
             "Customer: my order 1182 arrived broken. Agent: sorry, a replacement ships today.",
         )
         page.click("#extract-form button[type=submit]")
-        page.wait_for_function("document.querySelector('#extract-output').textContent.length > 2")
+        _expect(page.locator("#extract-output")).to_have_text(
+            re.compile(r".{3,}", re.DOTALL), timeout=WAIT_MS
+        )
         shot("extract")
 
         _tab(page, "health")

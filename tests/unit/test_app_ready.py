@@ -82,3 +82,22 @@ def test_failed_load_is_reported_by_ready():
         r = client.get("/ready")
         assert r.status_code == 503 and "weights are corrupt" in r.json()["error"]["message"]
         assert client.get("/health").status_code == 200
+
+
+def test_a_bug_is_a_generic_500_that_closes_the_connection():
+    # Starlette re-raises a bug after its 500 is sent and uvicorn drops the connection: the
+    # answer must tell a keep-alive client not to send its next request on it (a reset).
+    gate = threading.Event()
+    gate.set()
+    app = make(gate)
+
+    @app.get("/v1/boom")
+    async def boom():
+        raise RuntimeError("secret detail")
+
+    with TestClient(app, raise_server_exceptions=False) as client:
+        r = client.get("/v1/boom")
+    assert r.status_code == 500
+    assert r.headers["connection"] == "close"
+    assert r.json()["error"]["type"] == "server_error"
+    assert "secret detail" not in r.text

@@ -6,7 +6,12 @@ import numpy as np
 import pytest
 
 from allinone.backends.base import GenerationParams
-from allinone.backends.llama_cpp.sampling import log_softmax, sample_token
+from allinone.backends.llama_cpp.sampling import (
+    REPEAT_LAST_N,
+    log_softmax,
+    process_logits,
+    sample_token,
+)
 
 
 def _logits(n: int = 5000, seed: int = 1) -> np.ndarray:
@@ -71,3 +76,71 @@ def test_terminal_request_states_carry_the_finish_reason():
         RequestState.DECODE,
         RequestState.SCORE_BRANCHES,
     ]
+
+
+# -- top_k, min_p, repetition_penalty (llama.cpp's samplers) ----------------------------------
+
+
+def _draws(x: np.ndarray, p: GenerationParams, n: int = 300) -> set[int]:
+    rng = np.random.default_rng(0)
+    return {sample_token(x, p, rng) for _ in range(n)}
+
+
+def test_top_k_keeps_the_k_most_likely_tokens():
+    x = _logits()
+    top3 = set(np.argsort(-x)[:3].tolist())
+    assert _draws(x, GenerationParams(temperature=1.0, top_k=1)) == {int(np.argmax(x))}
+    drawn = _draws(x, GenerationParams(temperature=5.0, top_k=3))
+    assert drawn <= top3 and len(drawn) > 1
+    # <= 0 is off: far more than 3 distinct tokens at a high temperature
+    assert len(_draws(x, GenerationParams(temperature=5.0, top_k=0))) > 3
+
+
+def test_min_p_keeps_tokens_within_its_share_of_the_best_judged_before_temperature():
+    x = np.array([0.0, -0.5, -1.0, -5.0, -0.6931], dtype=np.float32)
+    # p_i / p_max = exp(x_i): 1, 0.61, 0.37, 0.007, 0.50002
+    assert _draws(x, GenerationParams(temperature=1.0, min_p=1.0)) == {0}
+    assert _draws(x, GenerationParams(temperature=1.0, min_p=0.5)) == {0, 1, 4}
+    # a high temperature flattens the distribution but does not widen min_p's set (llama.cpp
+    # applies min_p before temperature)
+    assert _draws(x, GenerationParams(temperature=2.0, min_p=0.5)) == {0, 1, 4}
+    assert _draws(x, GenerationParams(temperature=2.0, min_p=0.0)) == {0, 1, 2, 3, 4}
+
+
+def test_repetition_penalty_divides_positive_and_multiplies_negative_logits_once_per_token():
+    x = np.array([2.0, -2.0, 1.0, 0.0, 3.0], dtype=np.float32)
+    p = GenerationParams(repetition_penalty=2.0)
+    out = process_logits(x, p, {}, [0, 1, 1, 3])
+    assert out.tolist() == [1.0, -4.0, 1.0, 0.0, 3.0]
+    assert x.tolist() == [2.0, -2.0, 1.0, 0.0, 3.0]  # the engine's logits are not written
+    # below 1 it rewards repeats instead, as llama.cpp's penalty_repeat does
+    rewarded = process_logits(x, GenerationParams(repetition_penalty=0.5), {}, [0, 1])
+    assert rewarded.tolist()[:2] == [4.0, -1.0]
+    # 1.0 is off: the logits themselves, no copy
+    assert process_logits(x, GenerationParams(), {}, [0, 1]) is x
+
+
+def test_repetition_penalty_comes_after_logit_bias_and_before_openai_penalties():
+    x = np.array([-2.0, 1.0, 0.0], dtype=np.float32)
+    p = GenerationParams(
+        repetition_penalty=2.0, logit_bias={0: 3.0}, presence_penalty=0.5, frequency_penalty=0.0
+    )
+    out = process_logits(x, p, {1: 1}, [0, 1])
+    # token 0: (-2 + 3) / 2; token 1: 1 / 2 - 0.5
+    assert out.tolist() == [0.5, 0.0, 0.0]
+
+
+def test_the_repetition_window_is_the_last_64_tokens_of_the_prompt():
+    from allinone.backends.base import RequestHandle
+    from allinone.backends.llama_cpp.request import Request
+
+    req = Request(
+        kind="generate",
+        handle=RequestHandle(),
+        prefix_key=(),
+        prefix_tokens=list(range(50)),
+        body_tokens=list(range(50, 100)),
+    )
+    assert list(req.recent) == list(range(100 - REPEAT_LAST_N, 100))
+    req.recent.append(7)
+    assert len(req.recent) == REPEAT_LAST_N and req.recent[-1] == 7

@@ -32,14 +32,18 @@ def test_two_calls_and_text_around_them():
     assert len({c.id for c in calls}) == 2
 
 
-def test_an_unknown_function_or_bad_json_leaves_the_reply_as_text():
-    for text in (
-        '<tool_call>\n{"name": "launch", "arguments": {}}\n</tool_call>',
-        "<tool_call>\n{not json}\n</tool_call>",
-        '<tool_call>\n{"name": "add", "arguments": [1, 2]}\n</tool_call>',
+def test_a_block_that_is_not_a_call_leaves_its_text_without_the_tags():
+    for inner in (
+        '{"name": "launch", "arguments": {}}',
+        "{not json}",
+        '{"name": "add", "arguments": [1, 2]}',
+        '{"name": "add", "arguments": {"x": NaN}}',
+        '{"name": ["add"], "arguments": {}}',
+        '{"name": {"add": 1}, "arguments": {}}',
     ):
+        text = f"<tool_call>\n{inner}\n</tool_call>"
         content, calls = parse_tool_calls(text, NAMES)
-        assert calls == [] and content == text
+        assert calls == [] and content == inner
 
 
 def test_arguments_written_as_a_json_string_are_accepted():
@@ -130,3 +134,87 @@ def test_a_call_inside_a_markdown_fence_counts_and_other_fenced_code_stays_text(
     stream = ToolCallStream(NAMES)
     early = stream.feed("```python\nprint(1)\n") + stream.feed("x = 2\n")
     assert "".join(v for k, v in early if k == "content").startswith("```python\nprint(1)")
+
+
+def _events(text: str, size: int, max_calls: int | None = None) -> list:
+    stream = ToolCallStream(NAMES, max_calls)
+    events = []
+    for i in range(0, len(text), size):
+        events += stream.feed(text[i : i + size])
+    return events + stream.finish()
+
+
+PARIS = '{"name": "get_weather", "arguments": {"city": "Paris"}}'
+ROME = '{"name": "get_weather", "arguments": {"city": "Rome"}}'
+PRETTY_ROME = '{\n  "name": "get_weather",\n  "arguments": {\n    "city": "Rome"\n  }\n}'
+
+
+def test_every_form_of_two_calls_gives_two_calls_with_their_own_ids():
+    # Issue #30: two calls written as two JSON lines in one block came back as content.
+    forms = [
+        f"<tool_call>\n{PARIS}\n{ROME}\n</tool_call>",  # one block, one call per line
+        f"<tool_call>\n[{PARIS}, {ROME}]\n</tool_call>",  # one block, a JSON array
+        f"{PARIS}\n{ROME}",  # bare, one per line
+        f"{PARIS}\n{PRETTY_ROME}\n",  # bare, pretty-printed
+        f"{PARIS},\n{ROME}",  # bare, comma-separated
+        f"[{PARIS},\n {ROME}]",  # bare array
+        f"```json\n{PARIS}\n```\n```json\n{ROME}\n```",  # a fence each
+        f"```json\n[{PARIS}, {ROME}]\n```",  # an array in a fence
+        # OpenAI's own shape, as a model that saw it in the history writes it back
+        f'{{"type": "function", "function": {PARIS}}}\n{ROME}',
+    ]
+    for text in forms:
+        content, calls = parse_tool_calls(text, NAMES)
+        assert content is None, text
+        assert [json.loads(c.function.arguments)["city"] for c in calls] == ["Paris", "Rome"]
+        assert len({c.id for c in calls}) == 2
+        for size in (1, 5, 1000):
+            events = _events(text, size)
+            assert [k for k, _ in events] == ["call", "call"], (text, size)
+            assert len({v.id for _, v in events}) == 2
+
+
+def test_a_call_cut_anywhere_never_puts_markup_or_half_a_call_in_content():
+    # Issue #30: a forced call cut by max_tokens came back as content with its markup.
+    whole = f"Let me check.\n<tool_call>\n{PARIS}\n</tool_call>"
+    call_at = whole.index("<tool_call>")
+    json_end = whole.index("}}") + 2
+    for cut in range(len(whole) + 1):
+        text = whole[:cut]
+        content, calls = parse_tool_calls(text, NAMES)
+        streamed = _events(text, 3)
+        for got in (content or "", "".join(v for k, v in streamed if k == "content")):
+            assert "<tool" not in got and "</" not in got and "{" not in got, (cut, got)
+        if cut <= call_at:
+            assert calls == [] and content == (text or None if cut else text)
+        else:  # inside the call: the text before it, and the call only once it is whole
+            assert content == "Let me check."
+            assert len(calls) == (1 if cut >= json_end else 0), cut
+            assert [k for k, _ in streamed].count("call") == len(calls)
+
+
+def test_a_forced_call_cut_short_is_content_null_and_no_calls():
+    text = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "P'
+    assert parse_tool_calls(text, NAMES) == (None, [])
+    assert _events(text, 1) == []
+
+
+def test_a_stray_close_tag_is_not_content():
+    content, calls = parse_tool_calls(f"<tool_call>\n{PARIS}\n</tool_call></tool_call>", NAMES)
+    assert content is None and len(calls) == 1
+    assert parse_tool_calls("Done.</tool_call>", NAMES) == ("Done.", [])
+
+
+def test_max_calls_keeps_the_first_call_only():
+    text = f"<tool_call>\n{PARIS}\n{ROME}\n</tool_call>"
+    _, calls = parse_tool_calls(text, NAMES, max_calls=1)
+    assert [json.loads(c.function.arguments)["city"] for c in calls] == ["Paris"]
+    assert [k for k, _ in _events(f"{PARIS}\n{ROME}", 4, max_calls=1)] == ["call"]
+
+
+def test_arguments_that_decode_to_a_lone_surrogate_are_not_a_call():
+    # A model may write the escape; such arguments could not be sent back as JSON text.
+    text = '{"name": "get_weather", "arguments": {"city": "\\ud800"}}'
+    content, calls = parse_tool_calls(text, NAMES)
+    assert calls == [] and content == text
+    content.encode("utf-8")

@@ -1,5 +1,6 @@
 """From an OpenAI chat request to what the engine takes: messages for the chat template, tools,
-and the sampling options beyond temperature (grammar, logit bias, penalties, logprobs).
+and the sampling options beyond temperature (grammar, logit bias, penalties, logprobs, top_k,
+min_p, repetition_penalty).
 
 Every field a client sets is either honoured or refused with a 400 that names it; nothing is
 dropped on the way (a backend that cannot honour a field refuses it here too)."""
@@ -102,6 +103,9 @@ async def chat_options(
         _require(backend, "penalties", which)
         out.options["presence_penalty"] = body.presence_penalty
         out.options["frequency_penalty"] = body.frequency_penalty
+    for name, value in body.sampling_extras().items():
+        _require(backend, name, name)
+        out.options[name] = value
     if body.logprobs:
         _require(backend, "logprobs", "logprobs")
         out.options["logprobs"] = True

@@ -20,7 +20,7 @@ from pydantic import (
     field_validator,
 )
 
-from allinone.api.protocol import Text
+from allinone.api.protocol import Name, Text
 
 
 class _Strict(BaseModel):
@@ -76,7 +76,7 @@ class InputMessage(_Strict):
 class FunctionCallItem(_Strict):
     type: Literal["function_call"]
     call_id: str
-    name: str
+    name: Name
     arguments: str
     id: str | None = None
     namespace: str | None = None
@@ -94,7 +94,7 @@ class FunctionCallOutputItem(_Strict):
 class CustomToolCallItem(_Strict):
     type: Literal["custom_tool_call"]
     call_id: str
-    name: str
+    name: Name
     input: str
     id: str | None = None
     namespace: str | None = None

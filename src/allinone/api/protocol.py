@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import math
+import re
 import time
 import uuid
 from typing import Annotated, Any, Literal
@@ -10,29 +13,43 @@ from pydantic import (
     AfterValidator,
     BaseModel,
     ConfigDict,
+    Discriminator,
     Field,
+    Tag,
     field_validator,
     model_validator,
 )
 
+from allinone.api.json_text import invalid_text, unicode_problem
+
 
 def _valid_text(value: str) -> str:
-    """Reject text that cannot be encoded as UTF-8: a JSON escape such as ``\\ud800`` decodes to
-    a lone surrogate, which no tokenizer takes. One rule for every text field of every route:
-    400 naming the field (never a silent replacement)."""
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise ValueError(
-            f"contains an unpaired surrogate (U+{ord(value[exc.start]):04X} at character "
-            f"{exc.start}), which is not valid Unicode text; send UTF-8 text (a "
-            "\\ud83d\\ude00-style escape must come as a complete pair)"
-        ) from None
+    """Reject text that is not valid Unicode (``unicode_problem``). One rule for every text
+    field of every route, and for every string of a JSON body (``json_text``): 400 naming the
+    field, never a silent replacement."""
+    problem = unicode_problem(value)
+    if problem is not None:
+        raise ValueError(problem)
     return value
 
 
 Text = Annotated[str, AfterValidator(_valid_text)]
 """A ``str`` field that must be valid Unicode (no lone surrogates)."""
+
+_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def _valid_name(value: str) -> str:
+    if not _NAME.fullmatch(value):
+        raise ValueError(
+            f"a name is 1 to 64 letters (a-z, A-Z), digits, '_' or '-', not {value[:80]!r}"
+        )
+    return value
+
+
+Name = Annotated[str, AfterValidator(_valid_name)]
+"""A function's or a schema's name, by OpenAI's rule (``^[a-zA-Z0-9_-]{1,64}$``), the same
+wherever it is sent: tool definitions, earlier tool calls, ``tool_choice``, ``json_schema``."""
 
 
 class ContentPart(BaseModel):
@@ -46,8 +63,24 @@ class ContentPart(BaseModel):
 class FunctionCall(BaseModel):
     """A called function: its name and its arguments as a JSON text (OpenAI's shape)."""
 
-    name: Text
+    name: Name
     arguments: Text
+
+    @field_validator("arguments")
+    @classmethod
+    def _arguments_text(cls, v: str) -> str:
+        # The arguments are JSON inside a string: its escapes decode only when the call is read,
+        # so the text rule applies to what they decode to as well.
+        try:
+            decoded = json.loads(v)
+        except (ValueError, RecursionError):
+            return v  # not JSON: the chat route says so, naming the field
+        found = invalid_text(decoded)
+        if found is not None:
+            path, problem, _ = found
+            where = ".".join(str(p) for p in path)
+            raise ValueError(f"the JSON in it{' at ' + where if where else ''}: {problem}")
+        return v
 
 
 class ToolCall(BaseModel):
@@ -93,7 +126,7 @@ class FunctionDefinition(BaseModel):
     """A function the model may call: name, description and a JSON schema of its arguments."""
 
     model_config = ConfigDict(extra="forbid")
-    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    name: Name
     description: Text | None = None
     parameters: dict[str, Any] | None = None
     strict: bool | None = None
@@ -109,7 +142,7 @@ class ToolDefinition(BaseModel):
 
 class NamedFunction(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    name: str
+    name: Name
 
 
 class NamedToolChoice(BaseModel):
@@ -120,11 +153,24 @@ class NamedToolChoice(BaseModel):
     function: NamedFunction
 
 
+def _tool_choice_kind(value: Any) -> str:
+    return "str" if isinstance(value, str) else "dict"
+
+
+# Tagged by JSON type, so an error names the field itself (``tool_choice.function.name``), not
+# a union member (the error path leaves type names out).
+ToolChoice = Annotated[
+    Annotated[Literal["none", "auto", "required"], Tag("str")]
+    | Annotated[NamedToolChoice, Tag("dict")],
+    Discriminator(_tool_choice_kind),
+]
+
+
 class JsonSchemaFormat(BaseModel):
     """``response_format.json_schema``: the schema a reply must validate against."""
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
-    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    name: Name
     description: Text | None = None
     schema_: dict[str, Any] | None = Field(None, alias="schema")
     strict: bool | None = None
@@ -158,20 +204,51 @@ class NoEffectFields(BaseModel):
     cache_prompt: Any = None  # llama.cpp's server flag; this server caches prompts anyway
 
 
+_TOKEN_ID = re.compile(r"0|[1-9][0-9]{0,9}")
+
+
 class SamplingFields(NoEffectFields):
-    """Fields chat and text completions share: stop strings, logit bias, penalties."""
+    """Fields chat and text completions share: stop strings, logit bias, penalties, and the
+    sampling fields vLLM and llama.cpp's server take beyond OpenAI's (``top_k``, ``min_p``,
+    ``repetition_penalty``; null or the "off" value leaves them off)."""
 
     stop: Text | list[Text] | None = None
     logit_bias: dict[str, float] | None = None
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    top_k: int | None = Field(
+        None, ge=-1, le=2**31 - 1, description="Sample from the k most likely tokens; 0 or -1: off"
+    )
+    min_p: float | None = Field(
+        None, ge=0.0, le=1.0, description="Keep tokens with p >= min_p * p(best token); 0: off"
+    )
+    repetition_penalty: float | None = Field(
+        None,
+        gt=0.0,
+        le=100.0,
+        description="Divide positive logits (multiply others) of the last 64 tokens' ids by "
+        "it; 1: off",
+    )
+
+    def sampling_extras(self) -> dict[str, Any]:
+        """The extra sampling fields set to something other than off, as ``GenerationParams``
+        fields (``top_k``: int, ``min_p``, ``repetition_penalty``: float)."""
+        out: dict[str, Any] = {}
+        if self.top_k is not None and self.top_k > 0:
+            out["top_k"] = self.top_k
+        if self.min_p:
+            out["min_p"] = self.min_p
+        if self.repetition_penalty is not None and self.repetition_penalty != 1.0:
+            out["repetition_penalty"] = self.repetition_penalty
+        return out
 
     def stop_list(self) -> list[str] | None:
         """``stop`` as a list (the validator below has made it one)."""
         return [self.stop] if isinstance(self.stop, str) else self.stop
 
     def token_bias(self) -> dict[int, float]:
-        """``logit_bias`` with its keys as token ids (the validator checked they are digits)."""
+        """``logit_bias`` with its keys as token ids (the validator checked each is a token id
+        in ASCII decimal digits). The backend checks the ids against its vocabulary."""
         return {int(k): v for k, v in (self.logit_bias or {}).items()}
 
     @field_validator("stop")
@@ -188,9 +265,14 @@ class SamplingFields(NoEffectFields):
     @classmethod
     def _bias(cls, v: dict[str, float] | None) -> dict[str, float] | None:
         for key, bias in (v or {}).items():
-            if not key.isdigit():
-                raise ValueError(f"keys are token ids (digits), not {key!r}")
-            if not -100.0 <= bias <= 100.0:
+            # Only the plain form of an id: str.isdigit() and int() also take other scripts'
+            # digits, superscripts, signs and spaces, and int() refuses over 4300 digits.
+            if _TOKEN_ID.fullmatch(key) is None:
+                raise ValueError(
+                    f"keys are token ids written in ASCII digits 0-9 (no sign, space or leading "
+                    f"zero; at most 10 digits), not {key[:40]!r}"
+                )
+            if not math.isfinite(bias) or not -100.0 <= bias <= 100.0:
                 raise ValueError(f"token {key}: a bias is between -100 and 100, not {bias}")
         return v
 
@@ -210,7 +292,7 @@ class ChatCompletionRequest(SamplingFields):
     seed: int | None = None
     response_format: ResponseFormat | None = None
     tools: list[ToolDefinition] | None = Field(None, max_length=128)
-    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    tool_choice: ToolChoice | None = None
     parallel_tool_calls: bool = True
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)

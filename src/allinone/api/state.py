@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from allinone.backends.base import Backend
+from allinone.cpu_budget import cpu_budget
 from allinone.errors import (
     ClientClosedError,
     GatewayTimeoutError,
@@ -114,7 +115,15 @@ class ServerState:
         self.metrics.load_seconds.set(self.load_seconds)
         self.metrics.ready.set(1)
         self.ready.set()
-        log.info("ready: model %s loaded in %.2f s", backend.model_id, self.load_seconds)
+        budget = cpu_budget()
+        log.info(
+            "ready: model %s loaded in %.2f s; %d threads (the default would be %d: %s)",
+            backend.model_id,
+            self.load_seconds,
+            self.settings.engine.threads,
+            budget.count,
+            budget.source,
+        )
         threading.Thread(target=self._watch, name="allinone-watchdog", daemon=True).start()
 
     def _load_speech(self, llm_waiting: Callable[[], int]) -> SpeechWorker:

@@ -90,6 +90,12 @@ class GenerationParams:
     max_tokens: int = 256
     temperature: float = 0.0
     top_p: float = 1.0
+    # llama.cpp's truncation samplers (vLLM takes the same fields): ``top_k`` <= 0 is off,
+    # ``min_p`` 0 is off (keep tokens with p >= min_p * p_max).
+    top_k: int = 0
+    min_p: float = 0.0
+    # llama.cpp's ``penalty_repeat`` (1.0: off), over the last 64 tokens of prompt and reply.
+    repetition_penalty: float = 1.0
     stop: list[str] = field(default_factory=list)
     max_chars: int | None = None
     seed: int | None = None
@@ -122,7 +128,11 @@ class Usage:
 class TokenLogprob:
     """One generated token with its log-probability (natural log, under the model's own
     distribution before logit bias, penalties, grammar and temperature) and, when asked for,
-    the most likely tokens at that position as (token bytes, log-probability), best first."""
+    the most likely tokens at that position as (token bytes, log-probability), best first.
+
+    The entries of a reply spell exactly its returned text: a token that a stop string or a
+    character cap cuts keeps only its ``token`` bytes before the cut (its log-probability is
+    the whole token's), and tokens wholly past the cut are left out."""
 
     token: bytes
     logprob: float
@@ -132,8 +142,9 @@ class TokenLogprob:
 @dataclass
 class Finished:
     """Final event of a request: why it stopped, its usage, and its result (scoring: one
-    log-probability per choice; generation: the whole reply text). ``logprobs``: one entry per
-    generated token when the request asked for them."""
+    log-probability per choice; generation: the whole reply text). ``logprobs``: when the
+    request asked for them, one entry per token of the returned text (``TokenLogprob``), so
+    fewer than ``usage.completion_tokens`` when a stop string or a cap cut the reply."""
 
     reason: FinishReason
     usage: Usage
@@ -290,7 +301,8 @@ class Backend(ABC):
         return None
 
     # Which of GenerationParams' optional features this engine honours: "grammar",
-    # "logit_bias", "penalties", "logprobs". A request that needs another gets a 400.
+    # "logit_bias", "penalties", "logprobs", "top_k", "min_p", "repetition_penalty". A request
+    # that needs another gets a 400 naming its field.
     generation_features: ClassVar[frozenset[str]] = frozenset()
 
     def json_grammar(self, schema: dict[str, Any] | None) -> Any:

@@ -26,6 +26,7 @@ from allinone.backends.base import (
     Finished,
     FinishReason,
     GenerationParams,
+    ParamError,
     Prompt,
     PromptTooLongError,
     RequestHandle,
@@ -161,6 +162,15 @@ class TransformersBackend(Backend):
         if not self.health():
             raise BackendError("the model is not loaded")
         prefix, body = self._ids(prompt.prefix), self._ids(prompt.body)
+        if not body and prefix:
+            # The body's last token gives the logits read: a prompt that is all prefix
+            # evaluates its last prefix token as the body.
+            prefix, body = prefix[:-1], prefix[-1:]
+        if not body:
+            bos = self.tok.bos_token_id if kind == "generate" else None
+            if bos is None:
+                raise ParamError("the prompt has no tokens; send some text", "prompt")
+            body = [int(bos)]  # an empty completion prompt starts a document, as OpenAI's
         if len(prefix) + len(body) + n_new > self.settings.ctx_per_seq:
             raise PromptTooLongError(
                 f"the prompt takes {len(prefix) + len(body)} tokens and the reply needs up to "

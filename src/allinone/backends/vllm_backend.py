@@ -23,6 +23,7 @@ from allinone.backends.base import (
     EngineOverloadedError,
     Finished,
     GenerationParams,
+    ParamError,
     Prompt,
     PromptTooLongError,
     RequestHandle,
@@ -116,6 +117,11 @@ class VLLMBackend(Backend):
         if not self.health():
             raise BackendError("the model is not loaded")
         text = "".join(s.text for s in (*prompt.prefix, *prompt.body))
+        if not text:
+            # An empty completion prompt starts a document (OpenAI's behaviour), from BOS.
+            text = self.tok.bos_token or ""
+            if not text:
+                raise ParamError("the prompt has no tokens; send some text", "prompt")
         if self.count_tokens(text) + 1 > self.settings.ctx_per_seq:
             raise PromptTooLongError(
                 f"the prompt does not fit {self.settings.ctx_per_seq} tokens (ALLINONE_CTX_PER_SEQ)"

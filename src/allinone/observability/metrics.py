@@ -9,7 +9,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 # Real-time factor of a transcription (seconds of work per second of audio): measured 0.1-0.25
-# for Whisper-base on 2 busy cores (../shared/specs/asr.md); above 1 is slower than real time.
+# for Whisper-base on 2 busy cores; above 1 is slower than real time.
 RTF_BUCKETS = (0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1, 1.5, 2, 5)
 
 
@@ -49,14 +49,18 @@ class EngineCollector:
 
 
 class Metrics:
-    """Every metric the server exports."""
+    """Every metric the server exports. Every label value comes from a bounded set the server
+    knows (route templates, its tasks, fixed reasons), never from a request: each distinct value
+    is a series kept for the life of the process (api.middleware.MetricsMiddleware maps the
+    request's route and task)."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
             "allinone_requests",
-            "HTTP requests by route, task and status",
+            "HTTP requests by route template (unmatched: no route), task (unknown: a name the "
+            "server does not know) and status (499: the client left before the answer)",
             ["route", "task", "status"],
             registry=r,
         )
@@ -72,7 +76,8 @@ class Metrics:
         )
         self.rejected = Counter(
             "allinone_rejected_requests",
-            "Requests refused before any work, by reason",
+            "Requests refused before any work, by reason (queue_full, memory, draining, auth, "
+            "header_limit, header_timeout, body_timeout, bad_http)",
             ["reason"],
             registry=r,
         )

@@ -6,6 +6,7 @@ llama.cpp's server and vLLM do): evaluation tools send templated prompts themsel
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 import uuid
@@ -14,7 +15,7 @@ from typing import Literal
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, StrictInt, model_validator
 
 from allinone.api.protocol import (
     DONE,
@@ -66,10 +67,12 @@ def _params(body: CompletionRequest, features: frozenset[str]) -> GenerationPara
         "frequency_penalty": ("penalties", bool(body.frequency_penalty)),
         "logprobs": ("logprobs", body.logprobs is not None),
     }
+    extras = body.sampling_extras()
+    asked |= {name: (name, True) for name in extras}
     for field, (feature, given) in asked.items():
         if given and feature not in features:
             raise InvalidRequestError(f"this backend does not support {field}", param=field)
-    return GenerationParams(
+    params = GenerationParams(
         max_tokens=body.max_tokens,
         temperature=body.temperature,
         top_p=body.top_p,
@@ -81,6 +84,7 @@ def _params(body: CompletionRequest, features: frozenset[str]) -> GenerationPara
         logprobs=body.logprobs is not None,
         top_logprobs=body.logprobs or 0,
     )
+    return dataclasses.replace(params, **extras)
 
 
 def _legacy_logprobs(entries, offset: int = 0) -> dict:
@@ -179,7 +183,9 @@ class TokenizeRequest(NoEffectFields):
     content: Text | None = None
     prompt: Text | None = None
     add_special: bool = Field(False, description="Parse control-token markup in the text")
-    with_pieces: bool = Field(False, description="Also return each token's text")
+    with_pieces: bool = Field(
+        False, description="Also return each token's text (control tokens as their markup)"
+    )
 
     @model_validator(mode="after")
     def _one_text(self) -> TokenizeRequest:
@@ -189,10 +195,12 @@ class TokenizeRequest(NoEffectFields):
 
 
 class DetokenizeRequest(NoEffectFields):
-    """POST /detokenize."""
+    """POST /detokenize: token ids -> text, control tokens as their markup (``<|im_start|>``);
+    400 naming ``tokens`` for an id outside the vocabulary."""
 
     model: str | None = None
-    tokens: list[int] = Field(max_length=1_000_000)
+    # Strict: true or "5" is not a token id (lax ints would take them as 1 and 5).
+    tokens: list[StrictInt] = Field(max_length=1_000_000)
 
 
 @router.post("/tokenize", summary="Token ids of a text (llama.cpp / vLLM shape)")

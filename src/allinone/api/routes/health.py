@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
+
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from allinone.cpu_budget import cpu_budget
 from allinone.errors import NotReadyError
 
 router = APIRouter(tags=["health"])
@@ -40,6 +43,7 @@ async def ready(request: Request) -> dict:
         "model": backend.model_id,
         "speech_model": state.speech.transcriber.name if state.speech else None,
         "load_seconds": state.load_seconds,
+        "threads": {"count": state.settings.engine.threads, "default": asdict(cpu_budget())},
         "engine": state.engine_stats(),
     }
 

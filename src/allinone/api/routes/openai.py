@@ -123,10 +123,11 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
         raise to_api_error(exc, param="messages") from exc
     except ParamError as exc:
         raise to_api_error(exc) from exc
+    max_calls = None if body.parallel_tool_calls else 1
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return StreamingResponse(
-            _stream(handles, body.model, include_usage, state, extra.tool_names),
+            _stream(handles, body.model, include_usage, state, extra.tool_names, max_calls),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
@@ -142,7 +143,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
         content, calls = finished.result, None
         reason = finished.reason
         if extra.tool_names is not None:
-            content, found = parse_tool_calls(finished.result, extra.tool_names)
+            content, found = parse_tool_calls(finished.result, extra.tool_names, max_calls)
             if found:
                 calls, reason = found, "tool_calls"
         lp = ChoiceLogprobs.of(finished.logprobs) if finished.logprobs is not None else None
@@ -169,6 +170,7 @@ def _refuse_for_label_task(body: ChatCompletionRequest, task: TaskSpec) -> None:
         "logit_bias": bool(body.logit_bias),
         "presence_penalty": bool(body.presence_penalty),
         "frequency_penalty": bool(body.frequency_penalty),
+        **dict.fromkeys(body.sampling_extras(), True),
     }
     for name, given in sent.items():
         if given:
@@ -181,7 +183,12 @@ def _refuse_for_label_task(body: ChatCompletionRequest, task: TaskSpec) -> None:
 
 
 async def _stream(
-    handles: list, model: str, include_usage: bool, state, tool_names: set[str] | None = None
+    handles: list,
+    model: str,
+    include_usage: bool,
+    state,
+    tool_names: set[str] | None = None,
+    max_calls: int | None = None,
 ) -> AsyncIterator[str]:
     """SSE chunks of every choice, one choice after another (each generates meanwhile in the
     engine, so a later choice's chunks are ready when its turn comes)."""
@@ -190,7 +197,8 @@ async def _stream(
     try:
         yield out.delta("", role=True)
         for index, handle in enumerate(handles):
-            async for chunk in _choice_chunks(out, handle, index, state, tool_names, done):
+            chunks = _choice_chunks(out, handle, index, state, tool_names, done, max_calls)
+            async for chunk in chunks:
                 yield chunk
         if include_usage:
             yield out.usage(_usage(done))
@@ -205,10 +213,17 @@ async def _stream(
 
 
 async def _choice_chunks(
-    out: ChunkStream, handle, index: int, state, tool_names: set[str] | None, done: list
+    out: ChunkStream,
+    handle,
+    index: int,
+    state,
+    tool_names: set[str] | None,
+    done: list,
+    max_calls: int | None = None,
 ) -> AsyncIterator[str]:
-    """One choice's chunks: content (with its tokens' logprobs), tool calls, its finish."""
-    calls = ToolCallStream(tool_names) if tool_names is not None else None
+    """One choice's chunks: content (with its tokens' logprobs), tool calls (each with its own
+    ``index`` and id), its finish."""
+    calls = ToolCallStream(tool_names, max_calls) if tool_names is not None else None
     n_calls = 0
     pending_lp: list = []
 

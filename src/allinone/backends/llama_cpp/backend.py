@@ -39,7 +39,15 @@ class LlamaCppBackend(Backend):
     supports_streaming: ClassVar[bool] = True
     supports_choice_scoring: ClassVar[bool] = True
     generation_features: ClassVar[frozenset[str]] = frozenset(
-        {"grammar", "logit_bias", "penalties", "logprobs"}
+        {
+            "grammar",
+            "logit_bias",
+            "penalties",
+            "logprobs",
+            "top_k",
+            "min_p",
+            "repetition_penalty",
+        }
     )
 
     def __init__(self, model_path: Path, engine: EngineSettings, model_id: str) -> None:
@@ -143,7 +151,9 @@ class LlamaCppBackend(Backend):
             raise ParamError(
                 f"token id {bad[0]} is outside the vocabulary (0..{rt.n_vocab - 1})", "tokens"
             )
-        return b"".join(rt.piece(t) for t in tokens).decode("utf-8", errors="replace")
+        # Control tokens as their text (llama.cpp's server and vLLM do the same): a client
+        # checking its own template sees <|im_start|>, not nothing.
+        return b"".join(rt.token_text(t) for t in tokens).decode("utf-8", errors="replace")
 
     def json_grammar(self, schema: dict[str, Any] | None) -> Any:
         return self._compiler().json_schema(schema)
@@ -236,6 +246,7 @@ class LlamaCppBackend(Backend):
         return Branch(tuple(self._tokens(branch.suffix)), labels)
 
     def generate(self, prompt: Prompt, params: GenerationParams) -> RequestHandle:
+        """Submit a generation; a prompt of no tokens starts from the BOS token (``_request``)."""
         return self._loop().submit(self._generate_request(prompt, params))
 
     def _generate_request(self, prompt: Prompt, params: GenerationParams) -> Request:
@@ -280,9 +291,23 @@ class LlamaCppBackend(Backend):
         return [req.handle, *(f.handle for f in req.forks)]
 
     def _request(self, kind: str, prompt: Prompt, n_new: int) -> Request:
-        """Tokenize a prompt (prefix cached) into an engine request, checking it fits."""
+        """Tokenize a prompt (prefix cached) into an engine request, checking it fits.
+
+        A generation whose prompt has no tokens (an empty /v1/completions prompt) starts from
+        the model's BOS token, as OpenAI's and llama.cpp's servers generate from the start of
+        a document; ParamError (``prompt``) when the model has none, or for a scoring request
+        (there is nothing to score after)."""
         prefix = self._prefix(prompt)
         body = self._tokens(prompt.body)
+        if not prefix and not body:
+            bos = self._runtime().bos_id() if kind == "generate" else -1
+            if bos < 0:
+                why = "this model has no BOS token to start from" if kind == "generate" else ""
+                raise ParamError(
+                    f"the prompt has no tokens{'; ' + why if why else ''}; send some text",
+                    "prompt",
+                )
+            body = [bos]
         self._check_fits(len(prefix) + len(body), n_new)
         return Request(
             kind=kind,

@@ -36,12 +36,16 @@ A request's life (``RequestState``), each transition made by one method:
 
 Every terminal transition goes through ``_end``, which frees the request's sequences. Each step is
 planned (``_plan``: which tokens of which request go into the batch, a ``StepPlan``), executed
-(``_decode``) and applied (``_update``, one request at a time: a request that raises fails alone).
+(``_decode``) and applied (``_update``), one request at a time in starting, planning and
+applying: a request that raises there fails alone, and the loop and its neighbours go on. A
+request with no prompt tokens is refused at ``submit``; every other request is started with at
+least its last prompt token left to evaluate, whose logits it reads.
 """
 
 from __future__ import annotations
 
 import codecs
+import dataclasses
 import logging
 import queue
 import threading
@@ -54,10 +58,12 @@ from allinone.backends.base import (
     EngineOverloadedError,
     Finished,
     FinishReason,
+    ParamError,
     RequestHandle,
     Usage,
 )
 from allinone.backends.kv_layout import KVLayout
+from allinone.backends.llama_cpp.grammar import GrammarDeadEnd
 from allinone.backends.llama_cpp.prompt_cache import PromptCache
 from allinone.backends.llama_cpp.request import Branch, Feed, Request, RequestState, StepPlan
 from allinone.backends.llama_cpp.runtime import LlamaRuntime
@@ -135,7 +141,10 @@ class EngineLoop:
         self._thread.start()
 
     def submit(self, req: Request) -> RequestHandle:
-        """Queue a request; EngineOverloadedError when the wait queue is full."""
+        """Queue a request; EngineOverloadedError when the wait queue is full, ParamError
+        (``prompt``) for a request with no prompt tokens (there would be no logits to read)."""
+        if not req.prompt:
+            raise ParamError("the prompt has no tokens; send some text", "prompt")
         if not self.alive:
             if self.crash:
                 raise EngineDeadError(f"the engine loop has stopped ({self.crash})")
@@ -262,6 +271,17 @@ class EngineLoop:
                 req.num_computed = req.n_past = 0
                 if req.pending_prefix >= 0:
                     req.ctx_base = len(req.prefix_tokens)
+        if req.num_computed >= len(req.prompt):
+            # Every prompt token has cells already (the prompt is exactly a cached task prefix):
+            # the last one is evaluated again, for the logits of what follows it.
+            keep = len(req.prompt) - 1
+            if self.rt.seq_truncate(req.slot, keep):
+                del held[keep:]
+                req.num_computed = req.n_past = keep
+                req.cached_tokens = min(req.cached_tokens, keep)
+            else:
+                self.seqs.clear_slot(req.slot)
+                req.num_computed = req.n_past = req.cached_tokens = 0
         for fork in req.forks:  # their slots are reserved now, filled when the prompt is done
             fork.slot = self.seqs.free_slots.pop(0)
             self.seqs.save(fork.slot)
@@ -335,55 +355,85 @@ class EngineLoop:
 
     def _plan(self, generate: bool, prefill: bool) -> StepPlan:
         """Fill the batch: generating tokens first, then label branches, then prompt chunks
-        up to ``n_batch`` tokens in all."""
+        up to ``n_batch`` tokens in all. A request whose planning raises leaves the batch (its
+        rows are taken out again) and fails alone, as in ``_update``."""
         rt = self.rt
         rt.batch_clear()
         plan = StepPlan()
         budget = rt.shape.n_batch
-        for req in self._active:
-            if generate and req.state is RequestState.DECODE:
-                plan.add(req, rt.batch_add(req.last_token, req.n_past, req.slot, True), 1)
-                self.seqs.slot_tokens[req.slot].append(req.last_token)
-                req.n_past += 1
-                budget -= 1
-        for req in self._active:
-            if generate and req.state is RequestState.SCORE_BRANCHES and budget > 0:
-                self._start_branches(req)
-                fed = 0
-                for br in req.branches:
-                    for feed in br.feeds if br.started and not br.finished else ():
-                        n = min(len(feed.tokens) - feed.done, budget - fed)
-                        for j in range(feed.done, feed.done + n):
-                            read = j in feed.reads
-                            row = rt.batch_add(feed.tokens[j], feed.pos + j, feed.seq, read)
-                            if read:
-                                feed.rows.append((j, row))
-                        feed.done += n
-                        feed.step_fed = n
-                        fed += n
-                if fed:
-                    plan.add(req, 0, 0)  # its rows are in its feeds
-                    budget -= fed
-                    self.counters["prompt_tokens"] += fed
-        for req in self._active:
-            if not prefill or req.state is not RequestState.PREFILL or budget <= 0:
-                continue
-            end = req.num_computed + budget
-            if req.pending_prefix >= 0 and req.num_computed < len(req.prefix_tokens):
-                # The prefix ends a chunk, so that its cells and every later request's body
-                # are evaluated as they are on a cache hit (same results, bit for bit).
-                end = min(end, len(req.prefix_tokens))
-            chunk = req.prompt[req.num_computed : end]
-            last = req.num_computed + len(chunk) == len(req.prompt)
-            for j, tok in enumerate(chunk):
-                i = rt.batch_add(tok, req.n_past + j, req.slot, last and j == len(chunk) - 1)
-            plan.add(req, i if last else -1, len(chunk))
-            self.seqs.slot_tokens[req.slot].extend(chunk)
-            req.n_past += len(chunk)
-            req.num_computed += len(chunk)
-            budget -= len(chunk)
-            self.counters["prompt_tokens"] += len(chunk)
+        phases = [self._plan_decode, self._plan_branches] if generate else []
+        if prefill:
+            phases.append(self._plan_prefill)
+        for phase in phases:
+            for req in list(self._active):
+                mark = rt.batch_size
+                try:
+                    budget -= phase(req, plan, budget)
+                except Exception as exc:  # this request only: the others' rows stay
+                    rt.batch_truncate(mark)
+                    plan.rows.pop(req, None)
+                    self._fail_request(req, exc)
         return plan
+
+    def _plan_decode(self, req: Request, plan: StepPlan, budget: int) -> int:
+        """A generating request's last sampled token; returns the tokens added."""
+        if req.state is not RequestState.DECODE:
+            return 0
+        plan.add(req, self.rt.batch_add(req.last_token, req.n_past, req.slot, True), 1)
+        self.seqs.slot_tokens[req.slot].append(req.last_token)
+        req.n_past += 1
+        return 1
+
+    def _plan_branches(self, req: Request, plan: StepPlan, budget: int) -> int:
+        """A scoring request's branch tokens, up to ``budget``; returns the tokens added."""
+        if req.state is not RequestState.SCORE_BRANCHES or budget <= 0:
+            return 0
+        rt = self.rt
+        self._start_branches(req)
+        fed = 0
+        for br in req.branches:
+            for feed in br.feeds if br.started and not br.finished else ():
+                n = min(len(feed.tokens) - feed.done, budget - fed)
+                for j in range(feed.done, feed.done + n):
+                    read = j in feed.reads
+                    row = rt.batch_add(feed.tokens[j], feed.pos + j, feed.seq, read)
+                    if read:
+                        feed.rows.append((j, row))
+                feed.done += n
+                feed.step_fed = n
+                fed += n
+        if fed:
+            plan.add(req, 0, 0)  # its rows are in its feeds
+            self.counters["prompt_tokens"] += fed
+        return fed
+
+    def _plan_prefill(self, req: Request, plan: StepPlan, budget: int) -> int:
+        """The next chunk of a request's prompt, up to ``budget`` tokens; returns the tokens
+        added. BackendError if nothing is left to evaluate (``_start_request`` always leaves
+        at least the last prompt token, whose logits the request reads)."""
+        if req.state is not RequestState.PREFILL or budget <= 0:
+            return 0
+        end = req.num_computed + budget
+        if req.pending_prefix >= 0 and req.num_computed < len(req.prefix_tokens):
+            # The prefix ends a chunk, so that its cells and every later request's body
+            # are evaluated as they are on a cache hit (same results, bit for bit).
+            end = min(end, len(req.prefix_tokens))
+        chunk = req.prompt[req.num_computed : end]
+        if not chunk:
+            raise BackendError(
+                f"no prompt tokens left to evaluate ({req.num_computed} of {len(req.prompt)} "
+                "have cells)"
+            )
+        last = req.num_computed + len(chunk) == len(req.prompt)
+        row = -1
+        for j, tok in enumerate(chunk):
+            row = self.rt.batch_add(tok, req.n_past + j, req.slot, last and j == len(chunk) - 1)
+        plan.add(req, row if last else -1, len(chunk))
+        self.seqs.slot_tokens[req.slot].extend(chunk)
+        req.n_past += len(chunk)
+        req.num_computed += len(chunk)
+        self.counters["prompt_tokens"] += len(chunk)
+        return len(chunk)
 
     def _update(self, req: Request, row: int) -> None:
         """Take one request's results of the decode that just ran (``row``: its logits' batch
@@ -538,7 +588,7 @@ class EngineLoop:
     def _sample(req: Request, logits: np.ndarray) -> int:
         p, matcher = req.params, req.matcher
         assert req.rng is not None
-        x = process_logits(logits, p, req.counts)  # bias and penalties, once
+        x = process_logits(logits, p, req.counts, req.recent)  # bias and penalties, once
         if matcher is None:
             return sample_token(x, p, req.rng)
         if p.temperature <= 0.0:
@@ -554,28 +604,42 @@ class EngineLoop:
     def _on_token(self, req: Request, logits: np.ndarray) -> None:
         p = req.params
         assert req.rng is not None and req.decoder is not None  # set when generation starts
-        tok = self._sample(req, logits)
-        if req.matcher is not None:
-            req.matcher.accept(tok)
+        try:
+            tok = self._sample(req, logits)
+            if req.matcher is not None:
+                req.matcher.accept(tok)
+        except GrammarDeadEnd as exc:
+            # The grammar cannot go on (a schema whose only continuations never end): the reply
+            # so far is all there is, cut as by a length cap. The caller's schema, not an
+            # engine fault, so not a failed request.
+            log.info("the grammar cannot go on (%s); the reply ends here", exc)
+            self._end(req, reason="length")
+            return
         if self.rt.is_eog(tok):
             self._end(req, reason="stop")
             return
+        piece = self.rt.piece(tok)
         if p.logprobs:
             req.logprobs.append(token_logprob(logits, tok, p.top_logprobs, self.rt.piece))
+            req.n_bytes += len(piece)
+            req.logprob_ends.append(req.n_bytes)
         if p.presence_penalty or p.frequency_penalty:
             req.counts[tok] = req.counts.get(tok, 0) + 1
+        req.recent.append(tok)
         req.n_generated += 1
         self.counters["generated_tokens"] += 1
         req.last_token = tok
-        req.text += req.decoder.decode(self.rt.piece(tok))
+        req.text += req.decoder.decode(piece)
         for s in p.stop:
             at = req.text.find(s, max(0, req.n_emitted - len(s)))
             if at >= 0:
                 req.text = req.text[:at]
+                req.decoder.reset()  # bytes after the stop string are not part of the reply
                 self._end(req, reason="stop")
                 return
         if p.max_chars is not None and len(req.text) >= p.max_chars:
             req.text = req.text[: p.max_chars]
+            req.decoder.reset()
             self._end(req, reason="length")
             return
         if req.matcher is not None and req.matcher.done:
@@ -588,16 +652,45 @@ class EngineLoop:
         hold = max((len(s) - 1 for s in p.stop), default=0)
         upto = len(req.text) - hold
         if upto > req.n_emitted:
-            self._emit_logprobs(req)
-            req.handle.emit_text(req.text[req.n_emitted : upto])
-            req.n_emitted = upto
+            self._emit_text(req, upto)
+
+    def _emit_text(self, req: Request, upto: int, final: bool = False) -> None:
+        """Send ``text[n_emitted:upto]``, after the log-probabilities of its tokens."""
+        delta = req.text[req.n_emitted : upto]
+        req.n_emitted_bytes += len(delta.encode("utf-8"))
+        self._emit_logprobs(req, final)
+        req.handle.emit_text(delta)
+        req.n_emitted = upto
 
     @staticmethod
-    def _emit_logprobs(req: Request) -> None:
-        """Send the token log-probabilities not yet sent, ahead of the text they belong to."""
-        if req.params.logprobs and len(req.logprobs) > req.n_logprobs_emitted:
-            req.handle.emit_logprobs(req.logprobs[req.n_logprobs_emitted :])
-            req.n_logprobs_emitted = len(req.logprobs)
+    def _emit_logprobs(req: Request, final: bool = False) -> None:
+        """Send the log-probabilities of the tokens whose text has been sent, ahead of it.
+
+        They spell exactly the reply's text, streamed or not: a token whose piece ends past
+        the text sent so far waits (its text may still be held back, or be cut); once the reply
+        is ``final``, a token cut by a stop string or a character cap keeps only its bytes
+        before the cut (``token`` truncated, its log-probability as generated), and the tokens
+        wholly past the cut are dropped. Byte offsets are those of the reply's UTF-8 text, exact
+        while the model's bytes are valid UTF-8."""
+        if not req.params.logprobs:
+            return
+        upto, new = req.n_emitted_bytes, []
+        while req.n_logprobs_emitted < len(req.logprobs):
+            entry = req.logprobs[req.n_logprobs_emitted]
+            end = req.logprob_ends[req.n_logprobs_emitted]
+            if end > upto:
+                if not final:
+                    break
+                start = end - len(entry.token)
+                if start < upto:  # straddles the cut: only its part in the reply
+                    new.append(dataclasses.replace(entry, token=entry.token[: upto - start]))
+                req.n_logprobs_emitted = len(req.logprobs)  # the rest lies past the end
+                break
+            new.append(entry)
+            req.n_logprobs_emitted += 1
+        if new:
+            req.logprobs_sent.extend(new)
+            req.handle.emit_logprobs(new)
 
     def ctx_limit(self, req: Request) -> int:
         """Last position a request may reach: its cached prefix plus its own context share."""
@@ -645,9 +738,7 @@ class EngineLoop:
             if req.params.max_chars is not None:
                 req.text = req.text[: req.params.max_chars]
             if len(req.text) > req.n_emitted and reason != "cancelled":
-                self._emit_logprobs(req)
-                req.handle.emit_text(req.text[req.n_emitted :])
-                req.n_emitted = len(req.text)
+                self._emit_text(req, len(req.text), final=True)
         self.counters["cancelled" if reason == "cancelled" else "finished"] += 1
         usage = Usage(
             prompt_tokens=len(req.prompt) + sum(len(br.suffix) for br in req.branches),
@@ -658,6 +749,6 @@ class EngineLoop:
         if req.kind == "generate":
             result = req.text  # the whole reply, for callers that do not stream
             if req.params.logprobs:
-                self._emit_logprobs(req)
-                logprobs = list(req.logprobs)
+                self._emit_logprobs(req, final=True)
+                logprobs = list(req.logprobs_sent)
         req.handle.finish(Finished(reason, usage, result, logprobs))

@@ -6,12 +6,14 @@ from __future__ import annotations
 import codecs
 import enum
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from allinone.backends.base import FinishReason, GenerationParams, RequestHandle, TokenLogprob
 from allinone.backends.llama_cpp.grammar import TokenMatcher
+from allinone.backends.llama_cpp.sampling import REPEAT_LAST_N
 
 
 class RequestState(enum.Enum):
@@ -164,8 +166,17 @@ class Request:
     rng: np.random.Generator | None = None
     matcher: TokenMatcher | None = None  # the grammar's parser state, when constrained
     counts: dict[int, int] = field(default_factory=dict)  # token -> times generated (penalties)
+    # the repetition penalty's window: the last REPEAT_LAST_N tokens of prompt and reply
+    recent: deque[int] = field(default_factory=lambda: deque(maxlen=REPEAT_LAST_N))
+    # Log-probabilities: one entry per generated token, with the UTF-8 byte offset in the
+    # reply where its piece ends; only the entries within the text sent so far are sent
+    # (``logprobs_sent``), so they always spell exactly the returned text.
     logprobs: list[TokenLogprob] = field(default_factory=list)
-    n_logprobs_emitted: int = 0
+    logprob_ends: list[int] = field(default_factory=list)
+    n_bytes: int = 0  # bytes of every generated token's piece
+    n_emitted_bytes: int = 0  # UTF-8 bytes of text[:n_emitted]
+    n_logprobs_emitted: int = 0  # entries of ``logprobs`` dealt with (sent, cut or dropped)
+    logprobs_sent: list[TokenLogprob] = field(default_factory=list)
     # scoring: one branch per question (a classification is one branch with no suffix)
     branches: list[Branch] = field(default_factory=list)
     branch_cells: int = 0  # KV cells the running branches' scratch sequences hold
@@ -177,3 +188,4 @@ class Request:
 
     def __post_init__(self) -> None:
         self.prompt = tuple(self.prefix_tokens) + tuple(self.body_tokens)
+        self.recent.extend(self.prompt[-REPEAT_LAST_N:])

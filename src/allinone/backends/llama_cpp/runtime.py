@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,6 +40,12 @@ _log_callback = None  # a reference must outlive every call from C
 
 def _llama():
     global _log_callback
+    # libgomp reads this once, when llama.cpp's CPU backend loads it. With its default
+    # (spin 300,000 times at each barrier, then sleep) a 2-thread decode on a virtualised Intel
+    # host stopped for good, both threads spinning in a barrier, once uvicorn began a graceful
+    # shutdown (test_stability's drain test: 6 of 9 runs; none with PASSIVE, nor with 1
+    # thread). PASSIVE sleeps at once; decode speed measured the same (README, Limits).
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     import llama_cpp
 
     if _log_callback is None:
@@ -136,9 +143,24 @@ class LlamaRuntime:
             return buf.raw[:n]
         return self._piece_buf.raw[:n]
 
+    def token_text(self, token: int) -> bytes:
+        """The bytes of one token, control tokens as their text (``<|im_start|>``), as
+        llama.cpp's server detokenizes. Safe from any thread: its own buffer (``piece``'s is the
+        engine thread's)."""
+        buf = ctypes.create_string_buffer(256)
+        n = self.lib.llama_token_to_piece(self.vocab, token, buf, 256, 0, True)
+        if n < 0:  # pragma: no cover - no token is longer than 256 bytes in practice
+            buf = ctypes.create_string_buffer(-n)
+            n = self.lib.llama_token_to_piece(self.vocab, token, buf, -n, 0, True)
+        return buf.raw[:n]
+
     def is_eog(self, token: int) -> bool:
         """True for end-of-generation tokens (EOS, ``<|im_end|>``, ...)."""
         return bool(self.lib.llama_vocab_is_eog(self.vocab, token))
+
+    def bos_id(self) -> int:
+        """The BOS token's id, -1 when the vocabulary has none."""
+        return int(self.lib.llama_vocab_bos(self.vocab))
 
     def bos_token(self) -> tuple[str, bool]:
         """The BOS token's text and whether the model wants it prepended."""
@@ -162,6 +184,11 @@ class LlamaRuntime:
     def batch_clear(self) -> None:
         """Start a new batch."""
         self._n = 0
+
+    def batch_truncate(self, n: int) -> None:
+        """Drop the batch's tokens from index ``n`` on (a request that failed while its tokens
+        were being added)."""
+        self._n = min(self._n, max(n, 0))
 
     @property
     def batch_size(self) -> int:
