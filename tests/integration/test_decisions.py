@@ -24,8 +24,15 @@ TICKET = {"ticket": "I was charged twice for my order last week and nobody has r
 
 @pytest.fixture(scope="module")
 def server(default_model_path):
-    """The default model with room for a 255-option question (~2,300 tokens with its input)."""
-    env = {"ALLINONE_MODEL_ID": "qwen-default", "ALLINONE_CTX_PER_SEQ": "3072"}
+    """The default model with room for a 255-option question (~2,300 tokens with its input).
+    These tests are about answers, not time: a 255-option question took 121 s on a busy host, so
+    the request timeout is the clients' 600 s, far above any host's need (a stuck request still
+    fails the test)."""
+    env = {
+        "ALLINONE_MODEL_ID": "qwen-default",
+        "ALLINONE_CTX_PER_SEQ": "3072",
+        "ALLINONE_REQUEST_TIMEOUT_S": "600",  # as the clients below
+    }
     with ServerProcess.running(str(default_model_path), env) as srv:
         yield srv
 
