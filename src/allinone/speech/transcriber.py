@@ -1,7 +1,7 @@
 """Whisper through faster-whisper (CTranslate2, int8 on CPU): one loaded model, one transcription
 at a time (the worker serialises them).
 
-Settings measured in ``../shared/specs/asr.md`` on 2 cores: int8 (float32 is 1.6-2.2x slower,
+Settings measured on 2 cores: int8 (float32 is 1.6-2.2x slower,
 +270 MB, no more accurate); beam 5 (Mandarin CER 16.7% against 25% greedy, at almost the same
 cost); Silero VAD on (without it espeak Mandarin sometimes came back empty); no conditioning on
 earlier text and a short temperature fallback (0, 0.2, 0.4) against runaway hallucination loops
