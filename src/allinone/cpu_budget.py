@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -48,40 +49,31 @@ def _read(path: Path) -> str | None:
         return None
 
 
-def _v2_quota(mount: Path, cgroup: str) -> tuple[float, str] | None:
+def _v2_pair(folder: Path) -> tuple[str, str] | None:
+    """cgroup v2's ``cpu.max``: ``"$MAX $PERIOD"``, ``max`` meaning no limit."""
+    parts = (_read(folder / "cpu.max") or "").split()
+    return (parts[0], parts[1]) if len(parts) == 2 and parts[0] != "max" else None
+
+
+def _v1_pair(folder: Path) -> tuple[str, str] | None:
+    """cgroup v1's ``cpu.cfs_quota_us`` and ``cpu.cfs_period_us`` (quota -1: no limit)."""
+    quota, period = _read(folder / "cpu.cfs_quota_us"), _read(folder / "cpu.cfs_period_us")
+    return (quota, period) if quota is not None and period is not None else None
+
+
+def _tightest(
+    mount: Path, cgroup: str, read: Callable[[Path], tuple[str, str] | None], name: str
+) -> tuple[float, str] | None:
+    """The smallest quota / period over ``cgroup`` and its ancestors under ``mount``."""
     best: tuple[float, str] | None = None
     for rel in _ancestors(cgroup):
-        text = _read(mount / rel.lstrip("/") / "cpu.max")
-        if text is None:
-            continue
-        parts = text.split()
-        if len(parts) != 2 or parts[0] == "max":
-            continue
+        pair = read(mount / rel.lstrip("/"))
         try:
-            quota, period = int(parts[0]), int(parts[1])
+            quota, period = (int(v) for v in pair) if pair else (0, 0)
         except ValueError:
             continue
         if quota > 0 and period > 0 and (best is None or quota / period < best[0]):
-            best = (quota / period, f"cgroup v2 cpu.max {quota} {period}")
-    return best
-
-
-def _v1_quota(mount: Path, cgroup: str) -> tuple[float, str] | None:
-    best: tuple[float, str] | None = None
-    for rel in _ancestors(cgroup):
-        folder = mount / rel.lstrip("/")
-        quota_text, period_text = (
-            _read(folder / "cpu.cfs_quota_us"),
-            _read(folder / "cpu.cfs_period_us"),
-        )
-        if quota_text is None or period_text is None:
-            continue
-        try:
-            quota, period = int(quota_text), int(period_text)
-        except ValueError:
-            continue
-        if quota > 0 and period > 0 and (best is None or quota / period < best[0]):
-            best = (quota / period, f"cgroup v1 quota {quota}/{period} us")
+            best = (quota / period, f"{name} {quota}/{period} us")
     return best
 
 
@@ -101,13 +93,13 @@ def cgroup_quota(proc_cgroup: Path, cgroup_root: Path) -> tuple[float, str] | No
         hier, _, rest = line.partition(":")
         controllers, _, path = rest.partition(":")
         if hier == "0" and controllers == "":
-            q = _v2_quota(cgroup_root, path)
+            q = _tightest(cgroup_root, path, _v2_pair, "cgroup v2 cpu.max")
         elif "cpu" in controllers.split(","):
             q = None
             for name in ("cpu,cpuacct", "cpu", "cpuacct,cpu"):
                 mount = cgroup_root / name
                 if mount.is_dir():
-                    q = _v1_quota(mount, path)
+                    q = _tightest(mount, path, _v1_pair, "cgroup v1 quota")
                     break
         else:
             continue
