@@ -231,6 +231,23 @@ def test_logit_bias_ids_beyond_the_vocabulary_are_refused_by_name(server):
 ENDLESS = {"type": "object", "properties": {"a": {"$ref": "#"}}, "required": ["a"]}
 
 
+@pytest.mark.parametrize(
+    "schema",
+    [{"$defs": {"n": {"$ref": "#/$defs/n"}}, "$ref": "#/$defs/n"}, {"allOf": [{"$ref": "#"}]}],
+)
+def test_a_schema_that_is_only_a_reference_to_itself_is_refused(client, schema):
+    # it admits no JSON value: the reply would be an empty "success" (finish_reason stop)
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(
+            model=MODEL,
+            messages=_ask("Give me some JSON."),
+            max_tokens=8,
+            response_format={"type": "json_schema", "json_schema": {"name": "n", "schema": schema}},
+        )
+    assert refused.value.body["param"] == "response_format"
+    assert "empty reply" in refused.value.body["message"]
+
+
 def test_a_schema_with_no_finite_instance_is_refused_or_cut_never_an_engine_failure(server, client):
     failed = _engine_failed(server)
     # Its every instance is endless and the grammar forces it from the start: refused up front.

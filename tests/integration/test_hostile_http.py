@@ -245,7 +245,15 @@ def test_a_declared_upload_without_a_key_is_refused_before_its_bytes(keyed):
                 "boundary=b\r\nContent-Length: 20000000\r\n\r\n".encode(),
             )
             status, headers, body = _read_response(sock)
+            # and the connection ends: a client that goes on sending is not read for ever
+            sock.settimeout(10)
+            _send(sock, b"x" * 65536)
+            try:
+                closed = sock.recv(1) == b""
+            except ConnectionResetError:
+                closed = True
         assert status == 401 and headers["www-authenticate"] == "Bearer"
+        assert headers["connection"] == "close" and closed
         assert _error(body)["type"] == "authentication_error"
     # the public routes stay public; with the key, the API answers
     for path in ("/health", "/ready", "/metrics", "/", "/ui/config"):

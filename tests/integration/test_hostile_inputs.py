@@ -252,3 +252,18 @@ def test_a_forced_call_cut_by_max_tokens_is_no_call_and_no_markup(client, max_to
             calls += ch.delta.tool_calls or []
             reasons.append(ch.finish_reason)
     assert content == "" and calls == [] and reasons[-1] == "length"
+
+
+def test_history_arguments_nested_past_the_decoders_limit_are_refused_by_name(http):
+    deep = "[" * 1100 + "]" * 1100
+    call = {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": deep}}
+    messages = [
+        {"role": "user", "content": "weather?"},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "c1", "content": "sunny"},
+    ]
+    body = {"model": MODEL, "messages": messages, "max_tokens": 2, "tools": [WEATHER]}
+    r = http.post("/v1/chat/completions", json=body)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == "messages.1.tool_calls.0.function.arguments"
+    assert http.get("/health").status_code == 200

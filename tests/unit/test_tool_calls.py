@@ -218,3 +218,19 @@ def test_arguments_that_decode_to_a_lone_surrogate_are_not_a_call():
     content, calls = parse_tool_calls(text, NAMES)
     assert calls == [] and content == text
     content.encode("utf-8")
+
+
+def test_nesting_past_the_json_decoders_limit_is_no_call_and_no_crash():
+    # A reply (which logit_bias can force) or a history call nested ~1,000 deep makes Python's
+    # JSON decoder raise RecursionError, not ValueError.
+    deep = '{"name": "add", "arguments": ' + '{"a": ' * 1100 + "1" + "}" * 1100 + "}"
+    for text in (deep, "[" * 1100 + "]" * 1100, f"<tool_call>\n{deep}\n</tool_call>"):
+        content, calls = parse_tool_calls(text, NAMES)
+        assert calls == [] and "<tool_call>" not in (content or "")
+
+
+def test_arguments_named_parameters_are_the_arguments():
+    # Llama-style replies (and some of Qwen's) write "parameters": they are not dropped
+    text = '{"name": "get_weather", "parameters": {"city": "Paris"}}'
+    _, calls = parse_tool_calls(text, NAMES)
+    assert json.loads(calls[0].function.arguments) == {"city": "Paris"}

@@ -57,7 +57,7 @@ def _call(i: int, j: int, call) -> dict[str, Any]:
         )
     try:
         args = json.loads(call.function.arguments or "{}")
-    except ValueError:
+    except (ValueError, RecursionError):  # (nesting deeper than the decoder's recursion limit)
         args = None
     if not isinstance(args, dict):
         raise InvalidRequestError(

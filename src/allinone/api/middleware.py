@@ -75,7 +75,9 @@ class APIKeyMiddleware:
             self.on_reject()
         err = AuthenticationError(
             "missing or wrong API key: send the header 'Authorization: Bearer <key>'",
-            headers={"WWW-Authenticate": "Bearer"},
+            # close: the body is never read, and a connection kept open would make the server
+            # read and drop whatever the client goes on sending
+            headers={"WWW-Authenticate": "Bearer", "Connection": "close"},
         )
         await error_response(err, path)(scope, receive, send)
 
@@ -107,7 +109,8 @@ class BodyLimitMiddleware:
             if scope["path"].startswith(prefix):
                 limit, setting = prefix_limit, prefix_setting
         too_big = PayloadTooLargeError(
-            f"the request body is over {limit} bytes ({setting}); send less"
+            f"the request body is over {limit} bytes ({setting}); send less",
+            headers={"Connection": "close"},  # the rest of the body is never read (as a 401)
         )
         for name, value in scope.get("headers", []):
             if name == b"content-length" and value.isdigit() and int(value) > limit:

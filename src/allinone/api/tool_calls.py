@@ -84,11 +84,12 @@ def _one_call(obj: Any, names: set[str]) -> ToolCall | None:
     name = obj.get("name") if isinstance(obj, dict) else None
     if not isinstance(name, str) or name not in names:  # (a list is not even hashable)
         return None
-    args = obj.get("arguments", {})
+    # Llama-style and some Qwen replies name the arguments "parameters"; neither key: no arguments
+    args = obj.get("arguments", obj.get("parameters", {}))
     if isinstance(args, str):  # some models write the arguments as a JSON string
         try:
             args = _DECODER.decode(args)
-        except ValueError:
+        except (ValueError, RecursionError):
             return None
     if not isinstance(args, dict) or invalid_text(args) is not None:
         return None  # (a "\ud800" escape: not text a client's JSON parser takes)
@@ -120,7 +121,7 @@ def _calls_in(text: str, names: set[str]) -> list[ToolCall] | None:
             continue
         try:
             value, i = _DECODER.raw_decode(text, i)
-        except ValueError:
+        except (ValueError, RecursionError):  # not JSON, or nested past the decoder's limit
             return None
         for item in value if isinstance(value, list) else [value]:
             call = _one_call(item, names)

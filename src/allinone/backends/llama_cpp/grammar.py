@@ -169,5 +169,15 @@ class GrammarCompiler:
         g = TokenGrammar(tok, grammar, self.n_vocab)
         # A grammar that cannot start, or whose forced start never ends, fails here, before the
         # request is queued (~0.1 ms for a usual schema).
-        g.matcher().check_forced()
+        start = g.matcher()
+        start.check_forced()
+        first = np.flatnonzero(start.allowed())
+        if 0 < first.size <= 64 and all(self._is_eog(int(t)) for t in first):
+            # Only the end of the reply may come first: the schema admits no JSON value at all
+            # (a definition that is nothing but a reference to itself), so every reply would be
+            # an empty "success".
+            raise GrammarError(
+                "the grammar admits only an empty reply (a schema that refers only to itself "
+                "admits no JSON value); give the schema a type"
+            )
         return g
