@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,8 +16,6 @@ from allinone.api.protocol import ChatCompletionRequest
 from allinone.api.tool_calls import CLOSE, OPEN, required_call_grammar, template_speaks_tools
 from allinone.backends.base import Backend, GrammarError
 from allinone.errors import InvalidRequestError
-
-_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
 def chat_messages(body: ChatCompletionRequest) -> list[dict[str, Any]]:
@@ -50,11 +47,8 @@ def chat_messages(body: ChatCompletionRequest) -> list[dict[str, Any]]:
 
 
 def _call(i: int, j: int, call) -> dict[str, Any]:
+    # (its name was checked as the request was read: protocol.Name)
     where = f"messages.{i}.tool_calls.{j}.function"
-    if not _NAME.match(call.function.name):
-        raise InvalidRequestError(
-            "a function name is 1-64 letters, digits, '_' or '-'", param=f"{where}.name"
-        )
     try:
         args = json.loads(call.function.arguments or "{}")
     except (ValueError, RecursionError):  # (nesting deeper than the decoder's recursion limit)

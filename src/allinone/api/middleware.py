@@ -234,10 +234,13 @@ class SecurityHeadersMiddleware:
         self.app = app
         self.page_paths = frozenset(page_paths)
         self.page_prefixes = page_prefixes
-        self.always = [(b"x-content-type-options", b"nosniff")]
-        self.page = self.always + [
+        always = [(b"x-content-type-options", b"nosniff")]
+        page = always + [
             (k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers_for_page.items()
         ]
+        # (headers to add, their names: the same headers the app set are replaced)
+        self.always = (always, frozenset(k for k, _ in always))
+        self.page = (page, frozenset(k for k, _ in page))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -245,11 +248,10 @@ class SecurityHeadersMiddleware:
             return
         path = _route_path(scope)
         is_page = path in self.page_paths or path.startswith(self.page_prefixes)
-        extra = self.page if is_page else self.always
+        extra, names = self.page if is_page else self.always
 
         async def send_wrapper(message: Message) -> None:
             if message["type"] == "http.response.start":
-                names = {k for k, _ in extra}
                 headers = [(k, v) for k, v in message.get("headers", []) if k.lower() not in names]
                 message = {**message, "headers": headers + extra}
             await send(message)
