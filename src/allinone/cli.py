@@ -356,9 +356,74 @@ def _evaluate(args: argparse.Namespace, use_calibration: bool, repeat: int, prog
     return task, report
 
 
+def _decision_eval(args: argparse.Namespace) -> int:
+    """``allinone eval`` for one decision question: ad hoc or a decide task's."""
+    from allinone.decision_eval import (
+        ad_hoc_question,
+        evaluate_decision,
+        format_decision_report,
+        parse_options,
+        read_rows,
+    )
+    from allinone.decisions import DEFAULT_STRATEGY, DecisionError, Strategy, task_questions
+
+    try:
+        strategy = Strategy.parse(args.strategy) if args.strategy else DEFAULT_STRATEGY
+    except DecisionError as exc:
+        raise SystemExit(f"error: --strategy: {exc}") from None
+    service = _service(_settings(args), use_calibration=not args.no_calibration)
+    try:
+        if args.predicate or args.choice or args.score:
+            kind = "predicate" if args.predicate else "choice" if args.choice else "score"
+            text = args.predicate or args.choice or args.score
+            if kind == "predicate":
+                texts: list[str] = []
+                gold = [v.strip() for v in (args.true or "").split(",") if v.strip()]
+                if not gold:
+                    raise SystemExit("error: --predicate needs --true LABEL[,LABEL]")
+            else:
+                if not args.options:
+                    raise SystemExit(f"error: --{kind} needs --options LABEL[=TEXT],...")
+                gold, texts = parse_options(args.options)
+            q = ad_hoc_question(kind, text, texts)
+        else:
+            task = service.tasks.get(args.task)
+            names = [tq.name for tq in task.questions]
+            if args.question not in names:
+                raise SystemExit(f"error: --question: one of {names}")
+            k = names.index(args.question)
+            q = task_questions(task)[k]
+            tq = task.questions[k]
+            if q.kind == "predicate":
+                gold = [v.strip() for v in (args.true or "").split(",") if v.strip()]
+                if not gold:
+                    raise SystemExit("error: a predicate needs --true LABEL[,LABEL]")
+            else:
+                gold = list(tq.choices if q.kind == "choice" else tq.levels)
+        rows = read_rows(args.file, args.limit)
+        report = evaluate_decision(
+            service,
+            q,
+            gold,
+            rows,
+            strategy,
+            batch=args.batch,
+            flips=not args.no_flips,
+            progress=(not args.json and sys.stderr.isatty()) or args.progress,
+            file=str(args.file),
+        )
+    finally:
+        service.backend.close()
+    out = report.to_dict()
+    print(json.dumps(out, ensure_ascii=False) if args.json else format_decision_report(report))
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from allinone.evaluation import format_report
 
+    if args.predicate or args.choice or args.score or args.question:
+        return _decision_eval(args)
     _, report = _evaluate(
         args,
         use_calibration=not args.no_calibration,
@@ -776,6 +841,19 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true", help="print one JSON object")
     e.add_argument("--no-calibration", action="store_true", help="ignore a stored calibration")
     e.add_argument("--progress", action="store_true", help="progress bar even when not a tty")
+    asked = e.add_mutually_exclusive_group()
+    asked.add_argument("--predicate", metavar="TEXT", help="evaluate a yes/no question instead")
+    asked.add_argument("--choice", metavar="TEXT", help="evaluate a choice question instead")
+    asked.add_argument("--score", metavar="TEXT", help="evaluate a score question instead")
+    asked.add_argument("--question", metavar="NAME", help="a question of the decide --task")
+    e.add_argument("--true", metavar="LABELS", help="predicate: the labels that mean true")
+    e.add_argument(
+        "--options",
+        metavar="LABEL[=TEXT],...",
+        help="choice/score: gold labels (=TEXT: as the model sees it)",
+    )
+    e.add_argument("--strategy", help="decision strategy (default: the server's)")
+    e.add_argument("--no-flips", action="store_true", help="skip the negation/reversal pass")
     e.set_defaults(func=cmd_eval)
 
     cb = sub.add_parser(

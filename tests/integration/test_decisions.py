@@ -24,13 +24,12 @@ TICKET = {"ticket": "I was charged twice for my order last week and nobody has r
 
 @pytest.fixture(scope="module")
 def server(default_model_path):
-    """The default model with room for a 255-option question (~2,300 tokens with its input).
-    These tests are about answers, not time: a 255-option question took 121 s on a busy host, so
-    the request timeout is the clients' 600 s, far above any host's need (a stuck request still
-    fails the test)."""
+    """The default model at the default settings (a 255-option question fits: the default
+    strategy reads options as their own text, not listed). These tests are about answers, not
+    time, so the request timeout is the clients' 600 s, far above any host's need (a stuck
+    request still fails the test)."""
     env = {
         "ALLINONE_MODEL_ID": "qwen-default",
-        "ALLINONE_CTX_PER_SEQ": "3072",
         "ALLINONE_REQUEST_TIMEOUT_S": "600",  # as the clients below
     }
     with ServerProcess.running(str(default_model_path), env) as srv:
@@ -118,6 +117,48 @@ def test_choice_questions_with_many_options(oai, n):
     assert [p.value for p in a.probabilities] == [c["value"] for c in choices]
     assert abs(sum(p.probability for p in a.probabilities) - 1) < 1e-6
     assert a.choice == max(a.probabilities, key=lambda p: p.probability).value
+
+
+def test_a_255_option_choice_at_default_settings_through_the_typesafe_sdk(ts):
+    criteria = {f"option {k}": None for k in range(255)}
+    criteria["option 200"] = "the customer was charged twice"
+    r = ts.system_one(TICKET, {"c": Choice(instructions="What is this about?", criteria=criteria)})
+    a = r.answers["c"]
+    assert list(a.probabilities) == list(criteria)
+    assert abs(sum(a.probabilities.values()) - 1) < 1e-6
+    assert a.choice == max(a.probabilities, key=a.probabilities.get)
+
+
+def test_the_strategy_field_on_both_routes(server, oai):
+    q = {"type": "choice", "instructions": "What is this about?", "choices": _CHOICES}
+    for name in ("codes", "cloze", "codes+permuted", "cloze+permuted+prior"):
+        d = oai.decisions.create(
+            model="qwen-default", input=REVIEW, questions=[q], extra_body={"x_strategy": name}
+        )
+        assert d.answers[0].model_extra["x_strategy"] == name
+    default = oai.decisions.create(model="qwen-default", input=REVIEW, questions=[q])
+    assert default.answers[0].model_extra["x_strategy"] == "cloze+prior"
+    # the readings differ, so the probabilities do
+    codes = oai.decisions.create(
+        model="qwen-default", input=REVIEW, questions=[q], extra_body={"x_strategy": "codes"}
+    )
+    assert codes.answers[0].probabilities != default.answers[0].probabilities
+    noul = {"a": {"type": "noul", "instructions": "Is the customer angry?"}}
+    r = _post(server, "/v1/systemone", {"state": REVIEW, "questions": noul, "x_strategy": "codes"})
+    assert r.status_code == 200 and r.json()["answers"]["a"]["x_strategy"] == "codes", r.text
+    for bad in ("letters", "cloze+magic", "cloze+prior+prior", ""):
+        r = _post(
+            server,
+            "/v1/decisions",
+            {"model": "qwen-default", "input": "x", "questions": [q], "x_strategy": bad},
+        )
+        assert r.status_code == 400 and r.json()["error"]["param"] == "x_strategy", r.text
+        r = _post(server, "/v1/systemone", {"state": "x", "questions": noul, "x_strategy": bad})
+        assert r.status_code == 422, r.text
+        assert r.json()["detail"][0]["loc"] == ["body", "x_strategy"]
+
+
+_CHOICES = [{"value": "billing"}, {"value": "hotel room"}, {"value": "flights"}]
 
 
 @pytest.mark.parametrize("n", [2, 10])
@@ -382,8 +423,9 @@ def test_systemone_other_errors_use_typesafes_detail_shape(server, ts):
         headers={"content-type": "application/json"},
         timeout=30,
     )
-    assert r.status_code == 400
-    assert r.json()["detail"]["error_type"] == "invalid_request_error"
+    assert r.status_code == 422  # what TypeSafe's conformance suite expects for a non-JSON body
+    detail = r.json()["detail"]
+    assert detail[0]["type"] == "json_invalid" and detail[0]["loc"][0] == "body"
     with pytest.raises(TypeSafeUnprocessableEntityError):
         ts.system_one("x", {"a": {"type": "score", "criteria": ["only"]}})
     assert server.pid  # and the server keeps serving

@@ -108,3 +108,116 @@ def test_choice_values_are_plain_text_unless_a_boolean_could_be_confused():
     assert choice_texts(["billing", "物流"]) == ["billing", "物流"]
     assert choice_texts(["a", True, "true"]) == ['"a"', "true", '"true"']
     assert choice_texts(["True", "no"]) == ['"True"', '"no"']
+
+
+# --- strategies: readings and how their log-probabilities combine (hand-computed) ---
+
+from allinone.decision_eval import auc, expected_calibration_error, negation_of  # noqa: E402
+from allinone.decisions import (  # noqa: E402
+    CLOZE_LABELS_PER_BRANCH,
+    QuestionPriors,
+    Strategy,
+    read_answer,
+    readings,
+)
+
+
+def test_strategy_names_parse_and_unknown_parts_are_refused_by_name():
+    assert Strategy.parse("cloze+prior") == Strategy("cloze", permuted=False, prior=True)
+    assert Strategy.parse("codes+permuted+prior").name == "codes+permuted+prior"
+    assert Strategy.parse("cloze+prior+permuted").name == "cloze+permuted+prior"  # one spelling
+    for bad, part in [
+        ("letters", "letters"),
+        ("cloze+magic", "magic"),
+        ("cloze+prior+prior", "prior"),
+    ]:
+        with pytest.raises(DecisionError) as e:
+            Strategy.parse(bad)
+        assert e.value.param == "x_strategy" and part in str(e.value)
+
+
+def test_cloze_reads_option_texts_and_splits_long_lists_over_branches():
+    q = Question("choice", "Which?", (Option("red"), Option("green"), Option("blue")))
+    (r,) = readings(q, Strategy("cloze"))
+    assert r.labels == ("red", "green", "blue") and r.owner == (0, 1, 2)
+    assert "- red\n- green\n- blue" in r.block
+    _, rev = readings(q, Strategy("cloze", permuted=True))
+    assert rev.block.index("- blue") < rev.block.index("- red") and rev.view == 1
+    big = _choice(255)
+    rds = readings(big, Strategy("cloze", permuted=True))
+    assert len(rds) == math.ceil(255 / CLOZE_LABELS_PER_BRANCH)  # not listed: one view only
+    assert "o7" not in rds[0].block  # the options are not listed beyond 26
+    assert [i for r in rds for i in r.owner] == list(range(255))
+
+
+def test_codes_permuted_maps_reversed_letters_back_to_their_options():
+    q = _choice(3)
+    fwd, rev = readings(q, Strategy("codes", permuted=True))
+    assert rev.labels == ("A", "B", "C") and rev.owner == (2, 1, 0)
+    assert "A: o2" in rev.block
+    # forward says A (o0) at p=.6; reversed says C (= o0) at p=.6: o0 wins, positions cancel
+    lp_f = [math.log(0.6), math.log(0.3), math.log(0.1)]
+    lp_r = [math.log(0.1), math.log(0.3), math.log(0.6)]
+    a = read_answer(q, Strategy("codes", permuted=True), [fwd, rev], [lp_f, lp_r])
+    assert a.probabilities == pytest.approx([0.6, 0.3, 0.1])
+    # a pure position bias (always A at .6) cancels to a tie between o0 and o2
+    b = read_answer(q, Strategy("codes", permuted=True), [fwd, rev], [lp_f, lp_f])
+    # log-mean: o0 = (ln.6 + ln.1)/2, o1 = ln.3, o2 = (ln.1 + ln.6)/2, then softmax
+    g = math.sqrt(0.6 * 0.1)
+    assert b.probabilities == pytest.approx(
+        [g / (2 * g + 0.3), 0.3 / (2 * g + 0.3), g / (2 * g + 0.3)]
+    )
+
+
+def test_predicate_swap_reading_and_label_mass_average_over_views():
+    q = Question("predicate", "Is it late?")
+    one, two = readings(q, Strategy("codes", permuted=True))
+    assert one.block.endswith("yes or no only.") and two.block.endswith("no or yes only.")
+    # yes/Yes/no/No: view 1 P(yes)=.2+.1, P(no)=.5+.1 (mass .9); view 2 .4/.4 (mass .8)
+    v1 = [math.log(x) for x in (0.2, 0.1, 0.5, 0.1)]
+    v2 = [math.log(x) for x in (0.3, 0.1, 0.3, 0.1)]
+    a = read_answer(q, Strategy("codes", permuted=True), [one, two], [v1, v2])
+    t = math.sqrt((0.3 / 0.9) * 0.5)
+    f = math.sqrt((0.6 / 0.9) * 0.5)
+    assert a.probability_true == pytest.approx(t / (t + f))
+    assert a.label_mass == pytest.approx(0.85)
+
+
+def test_running_prior_subtracts_the_mean_after_min_inputs_and_ignores_repeats():
+    priors = QuestionPriors(max_questions=2, window=3, min_inputs=2)
+    out, n = priors.correct("q", "x1", [-1.0, -2.0])
+    assert (out, n) == ([-1.0, -2.0], 0)  # nothing seen yet
+    out, n = priors.correct("q", "x1", [-1.0, -2.0])  # a repeat adds nothing
+    assert n == 0
+    priors.correct("q", "x2", [-3.0, -0.5])
+    out, n = priors.correct("q", "x3", [-2.0, -1.0])
+    assert n == 2 and out == pytest.approx([-2.0 - (-2.0), -1.0 - (-1.25)])
+    priors.correct("q2", "x", [0.0])
+    priors.correct("q3", "x", [0.0])  # the least recently used, "q", is dropped
+    assert len(priors) == 2 and priors.correct("q", "x9", [-1.0, -1.0])[1] == 0
+
+
+def test_prior_turns_a_constant_yes_bias_into_balanced_answers():
+    q = Question("predicate", "Is it late?")
+    st = Strategy("codes", prior=True)
+    (r,) = readings(q, st)
+    priors = QuestionPriors(min_inputs=2)
+    # the model says "no" to everything, a bit less to the late inputs
+    inputs = {"a": 0.3, "b": 0.1, "c": 0.35, "d": 0.05}
+    answers = {}
+    for key, p_yes in inputs.items():
+        lps = [math.log(p_yes), -30, math.log(1 - p_yes), -30]
+        answers[key] = read_answer(q, st, [r], [lps], priors=priors, input_key=key)
+    assert answers["a"].prior_inputs == 0 and answers["c"].prior_inputs == 2
+    assert answers["c"].probability_true > 0.5 > answers["d"].probability_true
+
+
+def test_eval_metrics_by_hand():
+    assert auc([0.9, 0.8, 0.3, 0.8], [True, True, False, False]) == pytest.approx(0.875)
+    assert auc([0.5], [True]) is None
+    # two bins: conf .95 (1 right of 2) and .65 (1 right of 1): (2/3)*.45 + (1/3)*.35
+    ece = expected_calibration_error([0.95, 0.95, 0.65], [True, False, True])
+    assert ece == pytest.approx(2 / 3 * 0.45 + 1 / 3 * 0.35)
+    assert negation_of(Question("predicate", "It rains.", statement=True)).instructions == (
+        "It is not true that: It rains."
+    )

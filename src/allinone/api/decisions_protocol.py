@@ -191,6 +191,11 @@ class DecisionRequest(_Strict):
     prompt_cache_key: str | None = None
     prompt_cache_options: PromptCacheOptions | None = None
     safety_identifier: str | None = Field(None, max_length=128)
+    x_strategy: str | None = Field(
+        None,
+        description="How the answers are read (vendor field): a reading, codes or cloze, then "
+        "optional +permuted and +prior, e.g. cloze+prior; default: the server's. Unknown: 400/422.",
+    )
 
 
 class PredicateAnswer(BaseModel):
@@ -198,6 +203,7 @@ class PredicateAnswer(BaseModel):
     name: str | None
     probability: float
     x_label_mass: float
+    x_strategy: str
 
 
 class ChoiceProbability(BaseModel):
@@ -212,6 +218,7 @@ class ChoiceAnswer(BaseModel):
     confidence: float
     probabilities: list[ChoiceProbability]
     x_label_mass: float
+    x_strategy: str
 
 
 class ScoreProbability(BaseModel):
@@ -227,6 +234,7 @@ class ScoreAnswer(BaseModel):
     confidence: float
     probabilities: list[ScoreProbability]
     x_label_mass: float
+    x_strategy: str
 
 
 class InputTokensDetails(BaseModel):
@@ -297,12 +305,18 @@ class SystemOneRequest(_Strict):
     state: Text | dict[str, Any] | list[Any]
     questions: dict[str, SystemOneQuestion] = Field(min_length=1)
     assets: dict[str, Any] | None = None
+    x_strategy: str | None = Field(
+        None,
+        description="How the answers are read (vendor field): a reading, codes or cloze, then "
+        "optional +permuted and +prior, e.g. cloze+prior; default: the server's. Unknown: 400/422.",
+    )
 
 
 class SONoulAnswer(BaseModel):
     type: Literal["noul"] = "noul"
     noul: float
     x_label_mass: float
+    x_strategy: str
 
 
 class SOChoiceAnswer(BaseModel):
@@ -311,6 +325,7 @@ class SOChoiceAnswer(BaseModel):
     probabilities: dict[str, float]
     confidence: float
     x_label_mass: float
+    x_strategy: str
 
 
 class SOScoreAnswer(BaseModel):
@@ -320,6 +335,7 @@ class SOScoreAnswer(BaseModel):
     probabilities: dict[str, float]
     confidence: float
     x_label_mass: float
+    x_strategy: str
 
 
 class SystemOneUsage(BaseModel):

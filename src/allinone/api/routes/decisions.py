@@ -48,6 +48,7 @@ from allinone.decisions import (
     DecisionService,
     Option,
     Question,
+    Strategy,
     choice_texts,
     compact_json,
     openai_answer,
@@ -233,11 +234,20 @@ def _systemone_questions(body: SystemOneRequest, limits: Any) -> list[Question]:
 
 
 async def _decide(
-    request: Request, route: str, text: str, questions: list[Question]
+    request: Request,
+    route: str,
+    text: str,
+    questions: list[Question],
+    strategy: str | None = None,
 ) -> DecisionResult:
-    """Check the limits, run the decision under the route's timeout and cancellation."""
+    """Check the limits, run the decision under the route's timeout and cancellation.
+    ``strategy``: the request's ``x_strategy`` (None: the server's default)."""
     state = request.app.state.server
     limits = state.settings.server
+    try:
+        parsed = Strategy.parse(strategy) if strategy is not None else None
+    except DecisionError as exc:
+        raise _invalid(route, str(exc), "x_strategy") from exc
     n, most = len(questions), limits.decision_max_questions
     if not 1 <= n <= most:
         raise _invalid(
@@ -245,7 +255,7 @@ async def _decide(
             f"send 1 to {most} questions per request, got {n} (ALLINONE_DECISION_MAX_QUESTIONS)",
             "questions",
         )
-    service = DecisionService(state.require_service())
+    service = DecisionService(state.require_service(), parsed)
     budget = limits.decision_max_prompt_tokens
     tokens = service.count_tokens(text, questions)
     if tokens > budget:
@@ -278,7 +288,9 @@ async def decisions(body: DecisionRequest, request: Request) -> DecisionResponse
     state = request.app.state.server
     served = _check_model(state, body.model)
     questions = _openai_questions(body, state.settings.server)
-    result = await _decide(request, "decisions", render_input(body.input), questions)
+    result = await _decide(
+        request, "decisions", render_input(body.input), questions, body.x_strategy
+    )
     answers = [
         openai_answer(q.name, a) for q, a in zip(body.questions, result.answers, strict=True)
     ]
@@ -335,12 +347,14 @@ async def systemone(body: SystemOneRequest, request: Request) -> SystemOneRespon
             "assets",
         )
     questions = _systemone_questions(body, state.settings.server)
-    result = await _decide(request, "systemone", _text(body.state), questions)
+    result = await _decide(request, "systemone", _text(body.state), questions, body.x_strategy)
     answers: dict[str, SONoulAnswer | SOChoiceAnswer | SOScoreAnswer] = {}
     for (qid, q), a in zip(body.questions.items(), result.answers, strict=True):
         mass = round(a.label_mass, 6)
         if isinstance(q, NoulQuestion):
-            answers[qid] = SONoulAnswer(noul=a.probability_true, x_label_mass=mass)
+            answers[qid] = SONoulAnswer(
+                noul=a.probability_true, x_label_mass=mass, x_strategy=a.strategy
+            )
         elif isinstance(q, SOChoiceQuestion):
             names = list(q.criteria)
             answers[qid] = SOChoiceAnswer(
@@ -348,6 +362,7 @@ async def systemone(body: SystemOneRequest, request: Request) -> SystemOneRespon
                 probabilities=dict(zip(names, a.probabilities, strict=True)),
                 confidence=a.confidence,
                 x_label_mass=mass,
+                x_strategy=a.strategy,
             )
         else:
             assert isinstance(q, SOScoreQuestion)
@@ -357,6 +372,7 @@ async def systemone(body: SystemOneRequest, request: Request) -> SystemOneRespon
                 probabilities={str(i): p for i, p in enumerate(a.probabilities)},
                 confidence=a.confidence,
                 x_label_mass=mass,
+                x_strategy=a.strategy,
             )
     return SystemOneResponse(
         model=served, answers=answers, usage=SystemOneUsage(input_tokens=result.input_tokens)
