@@ -229,8 +229,12 @@ def _decide_questions(args: argparse.Namespace, tasks) -> tuple[list, list[str]]
 
 
 def cmd_decide(args: argparse.Namespace) -> int:
-    from allinone.decisions import DecisionService, openai_answer
+    from allinone.decisions import DecisionError, DecisionService, Strategy, openai_answer
 
+    try:
+        strategy = Strategy.parse(args.strategy) if args.strategy else None
+    except DecisionError as exc:
+        raise SystemExit(f"error: --strategy: {exc}") from None
     text = args.input
     if text == "-":
         text = sys.stdin.read()
@@ -240,7 +244,7 @@ def cmd_decide(args: argparse.Namespace) -> int:
     service = _service(settings)
     try:
         questions, names = _decide_questions(args, service.tasks)
-        result = DecisionService(service).decide(text, questions)
+        result = DecisionService(service, strategy).decide(text, questions)
     finally:
         service.backend.close()
     answers = {n: openai_answer(n, a) for n, a in zip(names, result.answers, strict=True)}
@@ -814,6 +818,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     dc.add_argument("input", help="the input text, '-' for stdin, or @FILE")
     dc.add_argument("--task", help="a decide task (its named questions)")
+    dc.add_argument("--strategy", help="how answers are read (default: the server's)")
     dc.add_argument(
         "--questions", type=Path, help="JSON or TOML file of questions (task-file schema)"
     )

@@ -25,11 +25,19 @@ How the answer is read is a **strategy** (``Strategy``, the ``x_strategy`` reque
 - ``codes``: the labels above, one reading (the reading before strategies existed);
 - ``cloze``: a choice's options are listed by name and each option's own text is scored as the
   reply (Robinson & Wingate 2022: small models cannot tie a letter to its option); beyond
-  ``CLOZE_LISTED_MAX`` options they are not listed at all, so 255 options fit a sequence;
-  predicates and scores are read as in ``codes``;
+  ``CLOZE_LISTED_MAX`` options they are not listed at all, so 255 options fit a sequence; a
+  predicate whose true and false outcomes are both described (a TypeSafe noul's ``criteria``)
+  is read as a choice between the two descriptions; other predicates and scores are read as in
+  ``codes``;
 - ``+permuted``: a second reading with the options (choice, score) or the yes/no order
   (predicate) reversed; the two readings' log-probabilities are averaged (PriDe's log-space
   combination over permutations, Zheng et al. 2023), which cancels a preference for a position;
+- ``+contrast`` (predicates): the model writes the question's opposite once (``Opposites``:
+  "Is this review negative?" -> "Is this review positive?", cached per question) and both are
+  read; the opposite's "yes" counts for false, and the two readings' log-odds are averaged,
+  which cancels a "yes" that follows the input (a positive-sounding text) whatever the
+  question; when the model only repeats the question, the predicate is read without it and the
+  answer's strategy says so;
 - ``+prior``: the question's own running prior (batch calibration, Zhou et al. 2023): the mean
   of the question's normalised option log-probabilities over its last ``PRIOR_WINDOW`` distinct
   inputs is subtracted once ``PRIOR_MIN_INPUTS`` inputs were seen (``QuestionPriors``); a stored
@@ -52,7 +60,14 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from allinone import calibration
-from allinone.backends.base import Finished, Prompt, RequestHandle, ScoreBranch, Segment
+from allinone.backends.base import (
+    Finished,
+    GenerationParams,
+    Prompt,
+    RequestHandle,
+    ScoreBranch,
+    Segment,
+)
 
 QuestionKind = Literal["predicate", "choice", "score"]
 
@@ -96,7 +111,7 @@ def compact_json(value: object) -> str:
 
 
 READINGS = ("codes", "cloze")
-MODIFIERS = ("permuted", "prior")
+MODIFIERS = ("permuted", "contrast", "prior")
 
 
 @dataclass(frozen=True)
@@ -107,10 +122,11 @@ class Strategy:
     reading: Literal["codes", "cloze"] = "cloze"
     permuted: bool = False
     prior: bool = False
+    contrast: bool = False
 
     @property
     def name(self) -> str:
-        on = (self.permuted, self.prior)
+        on = (self.permuted, self.contrast, self.prior)
         return "+".join([self.reading] + [m for m, x in zip(MODIFIERS, on, strict=True) if x])
 
     @classmethod
@@ -132,7 +148,16 @@ class Strategy:
                     f"reading are +{' +'.join(MODIFIERS)}, each at most once",
                     param="x_strategy",
                 )
-        return cls(parts[0], "permuted" in mods, "prior" in mods)  # type: ignore[arg-type]
+        return cls(
+            parts[0],  # type: ignore[arg-type]
+            permuted="permuted" in mods,
+            prior="prior" in mods,
+            contrast="contrast" in mods,
+        )
+
+    def without_contrast(self) -> Strategy:
+        """The strategy a predicate was read with when no opposite question was found."""
+        return Strategy(self.reading, self.permuted, self.prior, contrast=False)
 
 
 # The server's default, picked by the measurements in docs/decision-accuracy.md.
@@ -267,9 +292,21 @@ def option_count(q: Question) -> int:
     return 2 if q.kind == "predicate" else len(q.options)
 
 
-def readings(q: Question, strategy: Strategy) -> list[Reading]:
-    """The branches that read ``q`` under ``strategy`` (module docstring)."""
+def readings(q: Question, strategy: Strategy, opposite: Question | None = None) -> list[Reading]:
+    """The branches that read ``q`` under ``strategy`` (module docstring); ``opposite``: the
+    predicate's opposite question (``+contrast``), read as a further view whose "yes" counts for
+    false."""
     n = len(q.options)
+    outcomes = [o.description for o in q.options] if q.kind == "predicate" else []
+    # a noul whose true and false outcomes are both described, differently
+    if (
+        strategy.reading == "cloze"
+        and len(outcomes) == 2
+        and all(outcomes)
+        and len(set(outcomes)) == 2
+    ):
+        as_choice = Question("choice", q.instructions, tuple(Option(str(t)) for t in outcomes))
+        return readings(as_choice, strategy)
     if q.kind == "choice" and strategy.reading == "cloze":
         texts = [o.text for o in q.options]
         listed = n <= CLOZE_LISTED_MAX
@@ -285,6 +322,11 @@ def readings(q: Question, strategy: Strategy) -> list[Reading]:
         return out
     labels, owner = labels_of(q)
     out = [Reading(question_block(q), tuple(labels), tuple(owner), 0)]
+    if q.kind == "predicate" and strategy.contrast and opposite is not None:
+        flipped = tuple(1 - k for k in owner)
+        out.append(Reading(question_block(opposite), tuple(labels), flipped, 2))
+        if strategy.permuted:
+            out.append(Reading(question_block(opposite, swap=True), tuple(labels), flipped, 3))
     if strategy.permuted:
         if q.kind == "predicate":
             out.append(Reading(question_block(q, swap=True), tuple(labels), tuple(owner), 1))
@@ -356,6 +398,68 @@ class QuestionPriors:
         return len(self._store)
 
 
+OPPOSITE_SYSTEM_PROMPT = (
+    "Rewrite the question or statement so that it asks about the opposite property, in the "
+    "same language and form. Use the antonym; never add a negation word such as not, no, "
+    "不 or 没."
+)
+OPPOSITE_EXAMPLES = (
+    ("Is the food good?", "Is the food bad?"),
+    ("The customer is happy.", "The customer is unhappy."),
+    ("这部电影好看吗？", "这部电影难看吗？"),
+    ("Is the message polite?", "Is the message rude?"),
+    ("Is the ticket urgent?", "Can the ticket wait?"),
+)
+OPPOSITE_MAX_TOKENS = 48
+
+
+def _normal(text: str) -> str:
+    return "".join(ch for ch in text.casefold() if ch.isalnum())
+
+
+class Opposites:
+    """The opposite of each predicate (``+contrast``), written once by the model (greedy, at
+    most ``OPPOSITE_MAX_TOKENS`` tokens, one line) and kept for the last ``max_questions``
+    questions. ``None`` when the model only repeated the question (a question without an
+    antonym, such as "Does it mention a refund?"). Thread-safe."""
+
+    def __init__(self, max_questions: int = PRIOR_QUESTIONS) -> None:
+        self.max_questions = max_questions
+        self._store: OrderedDict[str, str | None] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def known(self, instructions: str) -> bool:
+        with self._lock:
+            return instructions in self._store
+
+    def get(self, instructions: str) -> str | None:
+        with self._lock:
+            if instructions in self._store:
+                self._store.move_to_end(instructions)
+            return self._store.get(instructions)
+
+    def put(self, instructions: str, reply: str) -> str | None:
+        """Keep the model's ``reply`` as the opposite of ``instructions`` (checked: one line,
+        not the question again, not empty); returns what was kept."""
+        line = reply.strip().splitlines()[0].strip() if reply.strip() else ""
+        ok = line and _normal(line) and _normal(line) != _normal(instructions)
+        kept = line if ok and len(line) <= 4 * len(instructions) + 40 else None
+        with self._lock:
+            self._store[instructions] = kept
+            self._store.move_to_end(instructions)
+            while len(self._store) > self.max_questions:
+                self._store.popitem(last=False)
+        return kept
+
+    def prompt(self, backend, instructions: str) -> Prompt:
+        """The generation prompt asking for the opposite of ``instructions``."""
+        msgs = [{"role": "system", "content": OPPOSITE_SYSTEM_PROMPT}]
+        for q, opp in OPPOSITE_EXAMPLES:
+            msgs += [{"role": "user", "content": q}, {"role": "assistant", "content": opp}]
+        msgs.append({"role": "user", "content": instructions})
+        return backend.render_chat(msgs, n_prefix_messages=len(msgs) - 1)
+
+
 def prior_key(strategy: Strategy, q: Question, rds: Sequence[Reading]) -> str:
     """What a question's prior is kept under: the strategy and every reading's text."""
     raw = json.dumps([strategy.name, q.kind, [[r.block, r.labels] for r in rds]])
@@ -402,9 +506,10 @@ def read_answer(
     probs = [math.exp(v) for v in final]
     total = sum(probs)
     label_mass = min(1.0, sum(mass.values()) / len(mass))
-    return Answer(
-        q, [p / total for p in probs], label_mass, cal is not None, strategy.name, prior_n
-    )
+    used = strategy
+    if strategy.contrast and (q.kind != "predicate" or not any(r.view >= 2 for r in rds)):
+        used = strategy.without_contrast()  # no opposite was read
+    return Answer(q, [p / total for p in probs], label_mass, cal is not None, used.name, prior_n)
 
 
 @dataclass
@@ -599,8 +704,45 @@ class DecisionService:
         self.strategy = strategy or DEFAULT_STRATEGY
 
     def plan(self, questions: list[Question]) -> list[list[Reading]]:
-        """Each question's readings under this service's strategy."""
-        return [readings(q, self.strategy) for q in questions]
+        """Each question's readings under this service's strategy (a predicate's opposite, for
+        ``+contrast``, as far as ``prepare`` found one)."""
+        return [readings(q, self.strategy, self._opposite(q)) for q in questions]
+
+    @property
+    def opposites(self) -> Opposites:
+        return self.service.decision_opposites
+
+    def _opposite(self, q: Question) -> Question | None:
+        if not (self.strategy.contrast and q.kind == "predicate" and q.instructions):
+            return None
+        text = self.opposites.get(q.instructions)
+        return predicate(text) if text else None
+
+    def _missing(self, questions: list[Question]) -> list[str]:
+        if not self.strategy.contrast:
+            return []
+        asked = {q.instructions for q in questions if q.kind == "predicate" and q.instructions}
+        return sorted(t for t in asked if not self.opposites.known(t))
+
+    def prepare(self, questions: list[Question]) -> None:
+        """Have the model write the opposites ``+contrast`` needs and has not cached (blocking)."""
+        backend = self.service.backend
+        for text in self._missing(questions):
+            params = GenerationParams(max_tokens=OPPOSITE_MAX_TOKENS, stop=["\n"])
+            fin = backend.generate(self.opposites.prompt(backend, text), params).result()
+            self.opposites.put(text, str(fin.result or ""))
+
+    async def prepare_async(self, questions: list[Question]) -> None:
+        """``prepare`` for the server: the generations are cancelled if the caller goes away."""
+        backend = self.service.backend
+        for text in self._missing(questions):
+            params = GenerationParams(max_tokens=OPPOSITE_MAX_TOKENS, stop=["\n"])
+            handle = backend.generate(self.opposites.prompt(backend, text), params)
+            try:
+                fin = await handle.result_async()
+            finally:
+                handle.cancel()
+            self.opposites.put(text, str(fin.result or ""))
 
     def prompt(
         self, text: str, questions: list[Question]
@@ -680,11 +822,13 @@ class DecisionService:
 
     def decide(self, text: str, questions: list[Question]) -> DecisionResult:
         """Blocking form (CLI)."""
+        self.prepare(questions)
         job = self.submit(text, questions)
         return self.result(job, job.handle.result())
 
     async def decide_async(self, text: str, questions: list[Question]) -> DecisionResult:
         """Async form (server); the engine work is cancelled if the caller goes away."""
+        await self.prepare_async(questions)
         job = self.submit(text, questions)
         try:
             return self.result(job, await job.handle.result_async())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from collections.abc import Iterable
@@ -95,6 +96,8 @@ class EvalReport:
     repeat: int
     consistent: bool | None
     inconsistent_texts: int = 0
+    ece: float = 0.0  # top-label, 10 bins, uncalibrated (decision_eval.expected_calibration_error)
+    label_mass: float = 0.0  # mean share of the probability the labels took
     logprobs: list[list[float]] = field(default_factory=list, repr=False)
     gold: list[str] = field(default_factory=list, repr=False)
 
@@ -113,6 +116,8 @@ class EvalReport:
             "labels": self.labels,
             "accuracy": round(head.accuracy, 4),
             "macro_f1": round(head.macro_f1, 4),
+            "ece": round(self.ece, 4),
+            "label_mass": round(self.label_mass, 4),
             "confusion": head.confusion,
             "calibrated": self.calibrated is not None,
             "uncalibrated": {
@@ -187,6 +192,13 @@ def evaluate(
             pred.append(task.labels[int(np.argmax(biased))])
         calibrated = score_predictions(task.labels, gold, pred)
     inconsistent = sum(len(set(seen)) > 1 for seen in labels_seen)
+    from allinone.decision_eval import expected_calibration_error
+
+    ece = expected_calibration_error(
+        [max(r.scores.values()) for r in first],
+        [r.label == g for r, g in zip(first, gold, strict=True)],
+    )
+    mass = statistics.mean(min(1.0, sum(math.exp(x) for x in r.logprobs)) for r in first)
     return EvalReport(
         task=task_name,
         model=service.backend.model_id,
@@ -206,6 +218,8 @@ def evaluate(
         repeat=repeat,
         consistent=(inconsistent == 0) if repeat > 1 else None,
         inconsistent_texts=inconsistent,
+        ece=ece,
+        label_mass=mass,
         logprobs=[r.logprobs for r in first],
         gold=gold,
     )
@@ -219,6 +233,9 @@ def format_report(report: EvalReport) -> str:
         lines.append(f"{name:<12} accuracy {s.accuracy:.4f}   macro-F1 {s.macro_f1:.4f}")
 
     block("uncalibrated", report.raw)
+    lines.append(
+        f"{'':<12} ECE {report.ece:.4f}   label mass {report.label_mass:.3f} (uncalibrated)"
+    )
     if report.calibrated:
         block("calibrated", report.calibrated)
     head = report.headline()

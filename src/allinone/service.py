@@ -23,7 +23,7 @@ from allinone.backends.base import (
     RequestHandle,
     Segment,
 )
-from allinone.decisions import QuestionPriors
+from allinone.decisions import Opposites, QuestionPriors
 from allinone.tasks import TaskError, TaskRegistry, TaskSpec
 
 # Chat templates wrap each message in markup (ChatML: <|im_start|>, role, newlines, <|im_end|>);
@@ -154,6 +154,7 @@ class TaskService:
         self.calibrations: dict[str, calibration.Calibration] = {}
         # running per-question priors of decisions (the ``+prior`` strategies), per process
         self.decision_priors = QuestionPriors()
+        self.decision_opposites = Opposites()  # predicates' opposites (``+contrast``)
 
     def load_calibrations(self, cache_dir: Path) -> list[str]:
         """Use every stored calibration that matches this model and the tasks as they are now;

@@ -221,3 +221,39 @@ def test_eval_metrics_by_hand():
     assert negation_of(Question("predicate", "It rains.", statement=True)).instructions == (
         "It is not true that: It rains."
     )
+
+
+def test_a_noul_with_both_outcomes_described_is_read_as_their_choice_under_cloze():
+    q = Question("predicate", "Angry?", (Option("yes", "hostile words"), Option("no", "calm")))
+    (r,) = readings(q, Strategy("cloze"))
+    assert r.labels == ("hostile words", "calm") and r.owner == (0, 1)
+    assert readings(q, Strategy("codes"))[0].labels == ("yes", "Yes", "no", "No")
+    one_side = Question("predicate", "Angry?", (Option("yes", "hostile words"), Option("no")))
+    assert readings(one_side, Strategy("cloze"))[0].labels[0] == "yes"
+
+
+def test_contrast_reads_the_opposite_with_yes_counting_for_false():
+    from allinone.decisions import Opposites
+
+    q = Question("predicate", "Is this review negative?")
+    opp = Question("predicate", "Is this review positive?")
+    st = Strategy.parse("codes+contrast")
+    one, two = readings(q, st, opp)
+    assert "positive" in two.block and two.owner == (1, 1, 0, 0) and two.view == 2
+    # a "yes" that follows the text's positivity: P(yes|neg?) = .4, P(yes|pos?) = .8
+    v1 = [math.log(0.4), -40, math.log(0.6), -40]
+    v2 = [math.log(0.8), -40, math.log(0.2), -40]
+    a = read_answer(q, st, [one, two], [v1, v2])
+    # log-odds of true: ((ln .4 - ln .6) + (ln .2 - ln .8)) / 2
+    z = (math.log(0.4 / 0.6) + math.log(0.2 / 0.8)) / 2
+    assert a.probability_true == pytest.approx(1 / (1 + math.exp(-z)), abs=1e-9)
+    assert a.strategy == "codes+contrast"
+    # without an opposite the answer says the contrast was not read
+    (only,) = readings(q, st, None)
+    assert read_answer(q, st, [only], [v1]).strategy == "codes"
+    ops = Opposites(max_questions=2)
+    assert ops.put("Is it good?", " Is it bad?\nmore") == "Is it bad?"
+    assert ops.put("Does it mention X?", "does it mention x") is None  # a repeat is no opposite
+    assert ops.known("Does it mention X?") and ops.get("Does it mention X?") is None
+    ops.put("third", "other")
+    assert not ops.known("Is it good?")  # least recently used dropped
