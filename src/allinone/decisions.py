@@ -265,7 +265,10 @@ def cloze_block(q: Question, order: Sequence[int] | None) -> str:
     """A choice asked for an option's own text: the options listed by name in ``order``, or
     (``None``) not listed, only the question."""
     lines = [f"Question: {q.instructions or 'Which option fits the input best?'}"]
-    if order is None:
+    if order is None:  # too many to list: only the options that carry a description
+        notes = [f"- {o.text} - {o.description}" for o in q.options if o.description]
+        if notes:
+            lines += ["Notes on some options:", *notes]
         return "\n".join(lines)
     lines.append("Options:")
     for i in order:
@@ -285,6 +288,7 @@ class Reading:
     labels: tuple[str, ...]
     owner: tuple[int, ...]
     view: int = 0
+    whole: bool = False  # labels are whole replies (cloze): read with the end-of-turn token
 
 
 def option_count(q: Question) -> int:
@@ -307,7 +311,8 @@ def readings(q: Question, strategy: Strategy, opposite: Question | None = None) 
     ):
         as_choice = Question("choice", q.instructions, tuple(Option(str(t)) for t in outcomes))
         return readings(as_choice, strategy)
-    if q.kind == "choice" and strategy.reading == "cloze":
+    blank = any(not o.text.strip() for o in q.options)  # no answer to score: read by codes
+    if q.kind == "choice" and strategy.reading == "cloze" and not blank:
         texts = [o.text for o in q.options]
         listed = n <= CLOZE_LISTED_MAX
         orders: list[list[int] | None] = [list(range(n))] if listed else [None]
@@ -318,7 +323,7 @@ def readings(q: Question, strategy: Strategy, opposite: Question | None = None) 
             block = cloze_block(q, order)
             for start in range(0, n, CLOZE_LABELS_PER_BRANCH):
                 idx = tuple(range(start, min(n, start + CLOZE_LABELS_PER_BRANCH)))
-                out.append(Reading(block, tuple(texts[i] for i in idx), idx, view))
+                out.append(Reading(block, tuple(texts[i] for i in idx), idx, view, whole=True))
         return out
     labels, owner = labels_of(q)
     out = [Reading(question_block(q), tuple(labels), tuple(owner), 0)]
@@ -360,10 +365,13 @@ def _logsumexp(values: Sequence[float]) -> float:
 class QuestionPriors:
     """Running per-question priors (batch calibration, Zhou et al. 2023, kept online).
 
-    For each question key, the normalised option log-probabilities of its last ``window``
-    distinct inputs (an input repeated adds nothing: the same request answers the same way
-    again); once ``min_inputs`` were seen, their mean is subtracted before the softmax. At most
-    ``max_questions`` keys are kept, least recently used dropped. Thread-safe."""
+    For each question key, the option probabilities of its last ``window`` distinct inputs (an
+    input repeated adds nothing: the same request answers the same way again; a question of
+    ``n`` options keeps at most ``MAX_PRIOR_VALUES / n`` inputs, so memory stays bounded);
+    once ``min_inputs`` were seen, the log of their mean probability is subtracted from the
+    answer's log-probabilities before the softmax (the mean of probabilities, not of
+    log-probabilities, so that one input the model found impossible cannot dominate it). At
+    most ``max_questions`` keys are kept, least recently used dropped. Thread-safe."""
 
     def __init__(
         self,
@@ -372,30 +380,55 @@ class QuestionPriors:
         min_inputs: int = PRIOR_MIN_INPUTS,
     ) -> None:
         self.max_questions, self.window, self.min_inputs = max_questions, window, min_inputs
-        self._store: OrderedDict[str, deque[tuple[str, list[float]]]] = OrderedDict()
+        self._store: OrderedDict[str, _Window] = OrderedDict()
         self._lock = threading.Lock()
 
     def correct(self, key: str, input_key: str, lp: list[float]) -> tuple[list[float], int]:
-        """(``lp`` minus the question's prior, or ``lp`` unchanged before ``min_inputs``; the
-        number of inputs the prior averaged). ``lp`` is then added to the question's window."""
+        """(``lp`` minus the log of the question's prior, or ``lp`` unchanged before
+        ``min_inputs``; the number of inputs the prior averaged). ``lp`` (normalised
+        log-probabilities) is then added to the question's window."""
         with self._lock:
-            seen = self._store.pop(key, None)
-            if seen is None:
-                seen = deque(maxlen=self.window)
-            self._store[key] = seen
+            win = self._store.pop(key, None)
+            if win is None:
+                room = max(self.min_inputs, min(self.window, MAX_PRIOR_VALUES // max(1, len(lp))))
+                win = _Window(room, len(lp))
+            self._store[key] = win
             while len(self._store) > self.max_questions:
                 self._store.popitem(last=False)
-            n = len(seen)
+            n = len(win.rows)
             out = lp
             if n >= self.min_inputs:
-                prior = [sum(v[k] for _, v in seen) / n for k in range(len(lp))]
+                prior = [math.log(max(x / n, 1e-300)) for x in win.total]
                 out = [x - p for x, p in zip(lp, prior, strict=True)]
-            if all(k != input_key for k, _ in seen):
-                seen.append((input_key, list(lp)))
+            win.add(input_key, [math.exp(x) for x in lp])
             return out, (n if n >= self.min_inputs else 0)
 
     def __len__(self) -> int:
         return len(self._store)
+
+
+MAX_PRIOR_VALUES = 16384  # floats one question's window may hold
+
+
+class _Window:
+    """One question's last inputs: (input key, option probabilities), with their running sum."""
+
+    def __init__(self, size: int, n: int) -> None:
+        self.size = size
+        self.rows: deque[tuple[str, list[float]]] = deque()
+        self.keys: set[str] = set()
+        self.total = [0.0] * n
+
+    def add(self, key: str, probs: list[float]) -> None:
+        if key in self.keys or len(probs) != len(self.total):
+            return
+        self.rows.append((key, probs))
+        self.keys.add(key)
+        self.total = [t + x for t, x in zip(self.total, probs, strict=True)]
+        if len(self.rows) > self.size:
+            old_key, old = self.rows.popleft()
+            self.keys.discard(old_key)
+            self.total = [t - x for t, x in zip(self.total, old, strict=True)]
 
 
 OPPOSITE_SYSTEM_PROMPT = (
@@ -506,9 +539,15 @@ def read_answer(
     probs = [math.exp(v) for v in final]
     total = sum(probs)
     label_mass = min(1.0, sum(mass.values()) / len(mass))
-    used = strategy
-    if strategy.contrast and (q.kind != "predicate" or not any(r.view >= 2 for r in rds)):
-        used = strategy.without_contrast()  # no opposite was read
+    views_read = {r.view for r in rds}
+    used = Strategy(
+        "cloze"
+        if any(r.whole for r in rds) or (q.kind != "choice" and strategy.reading == "cloze")
+        else "codes",
+        permuted=strategy.permuted and bool(views_read & {1, 3}),
+        prior=strategy.prior and cal is None,
+        contrast=strategy.contrast and bool(views_read & {2, 3}),
+    )  # what was read: no opposite found, a list too long to permute, a calibration instead
     return Answer(q, [p / total for p in probs], label_mass, cal is not None, used.name, prior_n)
 
 
@@ -701,7 +740,18 @@ class DecisionService:
 
     def __init__(self, tasks_service, strategy: Strategy | None = None) -> None:
         self.service = tasks_service
-        self.strategy = strategy or DEFAULT_STRATEGY
+        whole = getattr(tasks_service.backend, "supports_answer_scoring", False)
+        if strategy is None:
+            strategy = DEFAULT_STRATEGY
+            if not whole:  # the cloze reading needs whole answers scored over the vocabulary
+                strategy = Strategy("codes", strategy.permuted, strategy.prior, strategy.contrast)
+        elif strategy.reading == "cloze" and not whole:
+            raise DecisionError(
+                f"the {tasks_service.backend.name} engine cannot score whole answers over the "
+                "vocabulary, which the cloze reading needs; use a codes strategy",
+                param="x_strategy",
+            )
+        self.strategy = strategy
 
     def plan(self, questions: list[Question]) -> list[list[Reading]]:
         """Each question's readings under this service's strategy (a predicate's opposite, for
@@ -713,7 +763,7 @@ class DecisionService:
         return self.service.decision_opposites
 
     def _opposite(self, q: Question) -> Question | None:
-        if not (self.strategy.contrast and q.kind == "predicate" and q.instructions):
+        if not (self.strategy.contrast and q.kind == "predicate" and _normal(q.instructions)):
             return None
         text = self.opposites.get(q.instructions)
         return predicate(text) if text else None
@@ -721,7 +771,13 @@ class DecisionService:
     def _missing(self, questions: list[Question]) -> list[str]:
         if not self.strategy.contrast:
             return []
-        asked = {q.instructions for q in questions if q.kind == "predicate" and q.instructions}
+        asked = {
+            q.instructions
+            for q in questions
+            if q.kind == "predicate"
+            and _normal(q.instructions)
+            and not any(r.whole for r in readings(q, self.strategy))  # a noul read as a choice
+        }
         return sorted(t for t in asked if not self.opposites.known(t))
 
     def prepare(self, questions: list[Question]) -> None:
@@ -730,7 +786,7 @@ class DecisionService:
         for text in self._missing(questions):
             params = GenerationParams(max_tokens=OPPOSITE_MAX_TOKENS, stop=["\n"])
             fin = backend.generate(self.opposites.prompt(backend, text), params).result()
-            self.opposites.put(text, str(fin.result or ""))
+            self.opposites.put(text, str(fin.result or "") if fin.reason == "stop" else "")
 
     async def prepare_async(self, questions: list[Question]) -> None:
         """``prepare`` for the server: the generations are cancelled if the caller goes away."""
@@ -742,7 +798,7 @@ class DecisionService:
                 fin = await handle.result_async()
             finally:
                 handle.cancel()
-            self.opposites.put(text, str(fin.result or ""))
+            self.opposites.put(text, str(fin.result or "") if fin.reason == "stop" else "")
 
     def prompt(
         self, text: str, questions: list[Question]
@@ -763,7 +819,7 @@ class DecisionService:
                 body, suffix = _split_user_content(rendered.body, len(head))
                 if prompt is None:
                     prompt = Prompt(rendered.prefix, body)
-                branches.append(ScoreBranch(suffix, r.labels))
+                branches.append(ScoreBranch(suffix, r.labels, end_turn=r.whole))
         assert prompt is not None  # questions is never empty (checked by the routes)
         return prompt, branches, plan
 

@@ -191,7 +191,10 @@ def test_running_prior_subtracts_the_mean_after_min_inputs_and_ignores_repeats()
     assert n == 0
     priors.correct("q", "x2", [-3.0, -0.5])
     out, n = priors.correct("q", "x3", [-2.0, -1.0])
-    assert n == 2 and out == pytest.approx([-2.0 - (-2.0), -1.0 - (-1.25)])
+    # the prior is the log of the mean probability over x1 and x2
+    p0 = math.log((math.exp(-1.0) + math.exp(-3.0)) / 2)
+    p1 = math.log((math.exp(-2.0) + math.exp(-0.5)) / 2)
+    assert n == 2 and out == pytest.approx([-2.0 - p0, -1.0 - p1])
     priors.correct("q2", "x", [0.0])
     priors.correct("q3", "x", [0.0])  # the least recently used, "q", is dropped
     assert len(priors) == 2 and priors.correct("q", "x9", [-1.0, -1.0])[1] == 0

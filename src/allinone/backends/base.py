@@ -81,6 +81,10 @@ class ScoreBranch:
 
     suffix: tuple[Segment, ...]
     labels: tuple[str, ...]
+    # each label is read as the whole reply: followed by the end-of-turn token (so a label
+    # that begins another does not take the longer one's probability); needs
+    # ``Backend.supports_answer_scoring``
+    end_turn: bool = False
 
 
 @dataclass
@@ -256,6 +260,10 @@ class Backend(ABC):
     name: ClassVar[str] = "base"
     supports_streaming: ClassVar[bool] = True
     supports_choice_scoring: ClassVar[bool] = True
+    # score_branches returns full-vocabulary log-probabilities of whole answers (labels of
+    # several tokens, ``ScoreBranch.end_turn``), comparable across branches: what the cloze
+    # reading of decisions needs
+    supports_answer_scoring: ClassVar[bool] = False
 
     @abstractmethod
     def load(self) -> None:

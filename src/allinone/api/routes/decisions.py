@@ -246,6 +246,7 @@ async def _decide(
     limits = state.settings.server
     try:
         parsed = Strategy.parse(strategy) if strategy is not None else None
+        service = DecisionService(state.require_service(), parsed)
     except DecisionError as exc:
         raise _invalid(route, str(exc), "x_strategy") from exc
     n, most = len(questions), limits.decision_max_questions
@@ -255,7 +256,6 @@ async def _decide(
             f"send 1 to {most} questions per request, got {n} (ALLINONE_DECISION_MAX_QUESTIONS)",
             "questions",
         )
-    service = DecisionService(state.require_service(), parsed)
     budget = limits.decision_max_prompt_tokens
     tokens = service.count_tokens(text, questions)
     if tokens > budget:

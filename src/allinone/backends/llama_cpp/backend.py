@@ -38,6 +38,7 @@ class LlamaCppBackend(Backend):
     name: ClassVar[str] = "llama_cpp"
     supports_streaming: ClassVar[bool] = True
     supports_choice_scoring: ClassVar[bool] = True
+    supports_answer_scoring: ClassVar[bool] = True
     generation_features: ClassVar[frozenset[str]] = frozenset(
         {
             "grammar",
@@ -62,6 +63,7 @@ class LlamaCppBackend(Backend):
         self._lock = threading.Lock()
         self._grammars: GrammarCompiler | None = None
         self._prewarm: threading.Thread | None = None
+        self._eot: int | None = None  # end-of-turn token (``_end_of_turn``)
 
     @property
     def model_id(self) -> str:
@@ -243,7 +245,31 @@ class LlamaCppBackend(Backend):
         labels = [rt.tokenize(label, special=False) for label in branch.labels]
         if not labels or any(not t for t in labels):
             raise ValueError(f"{what} is empty after tokenization")
+        if branch.end_turn:
+            labels = [[*t, self._end_of_turn()] for t in labels]
         return Branch(tuple(self._tokens(branch.suffix)), labels)
+
+    def _end_of_turn(self) -> int:
+        """The token the chat template writes after an assistant reply (``<|im_end|>`` for
+        ChatML), found once by rendering a reply: the first end-of-generation token of the
+        markup after it. Raises ValueError for a template that writes none."""
+        if self._eot is None:
+            rt = self._runtime()
+            assert self._template is not None  # loaded, as _runtime() checked
+            rendered = self._template.render(
+                [{"role": "user", "content": "u"}, {"role": "assistant", "content": "a"}], 0
+            )
+            segs = [*rendered.prefix, *rendered.body]
+            last = max(i for i, seg in enumerate(segs) if not seg.special and seg.text == "a")
+            after = "".join(seg.text for seg in segs[last + 1 :])
+            eog = [t for t in rt.tokenize(after, special=True) if rt.is_eog(t)]
+            if not eog:
+                raise ValueError(
+                    "this model's chat template ends a reply without an end-of-generation "
+                    "token; ask with x_strategy codes"
+                )
+            self._eot = eog[0]
+        return self._eot
 
     def generate(self, prompt: Prompt, params: GenerationParams) -> RequestHandle:
         """Submit a generation; a prompt of no tokens starts from the BOS token (``_request``)."""
