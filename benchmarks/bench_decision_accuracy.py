@@ -141,7 +141,9 @@ def main() -> None:
     )
     ap.add_argument("--model", default="default")
     ap.add_argument("--limit", type=int, default=100)
-    ap.add_argument("--strategies", default="codes,codes+prior,cloze+prior,codes+contrast+prior")
+    ap.add_argument(
+        "--strategies", default="codes,codes+prior,codes+contrast,codes+contrast+prior,cloze+prior"
+    )
     ap.add_argument("--sets", default=",".join(SETS))
     ap.add_argument("--out", type=Path, default=ROOT / "bench-results" / "decisions")
     ap.add_argument("--table", action="store_true", help="only print the table from --out")

@@ -161,7 +161,7 @@ class Strategy:
 
 
 # The server's default, picked by the measurements in docs/decision-accuracy.md.
-DEFAULT_STRATEGY = Strategy("cloze", permuted=False, prior=True)
+DEFAULT_STRATEGY = Strategy("cloze", permuted=False, prior=True, contrast=True)
 
 
 @dataclass(frozen=True)

@@ -100,6 +100,23 @@ def test_a_predicate_tells_a_happy_review_from_an_angry_one(oai):
     assert p_happy.probability > p_angry.probability + 0.2
 
 
+def test_a_predicate_follows_the_question_not_the_tone_of_the_input(oai):
+    # The 0.5B model's plain yes/no tracked how positive the text sounded, whatever the
+    # question (docs/decision-accuracy.md); the default strategy reads the question's opposite
+    # too, so asking either way gives the same verdict.
+    for text, negative in ((REVIEW, True), ("Spotless room, kind staff, great breakfast!", False)):
+        for question, expect in (
+            ("Is this review negative?", negative),
+            ("Is this review positive?", not negative),
+        ):
+            (a,) = oai.decisions.create(
+                model="qwen-default",
+                input=text,
+                questions=[{"type": "predicate", "instructions": question}],
+            ).answers
+            assert (a.probability > 0.5) == expect, (text, question, a)
+
+
 def test_repeats_give_the_same_answers_and_reuse_the_cached_prompt(oai):
     first = oai.decisions.create(model="jev-latest", input=REVIEW, questions=_mixed())
     again = oai.decisions.create(model="jev-latest", input=REVIEW, questions=_mixed())

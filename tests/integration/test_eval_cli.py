@@ -88,3 +88,34 @@ def _default() -> Path:
     from allinone.models import ensure_model
 
     return ensure_model("default")
+
+
+def test_eval_of_a_decision_question_reports_every_promised_figure(tmp_path):
+    env = {"ALLINONE_CACHE_DIR": str(tmp_path), "ALLINONE_MODEL": str(_default())}
+    common = ["eval", str(DEV), "--limit", "12", "--json"]
+    r = run(*common, "--predicate", "这条评论是负面的吗？", "--true", "0", env=env)
+    assert r.returncode == 0, r.stderr
+    rep = json.loads(r.stdout)
+    assert rep["kind"] == "predicate" and rep["n"] == 12 and rep["labels"] == ["true", "false"]
+    assert rep["strategy"] == "cloze+contrast+prior"  # the server's default
+    for key in ("accuracy", "macro_f1", "auc", "ece", "label_mass", "flip_rate", "mean_p_true"):
+        assert 0.0 <= rep[key] <= 1.0, key
+    assert rep["branches"] in (1, 2)  # 2 when the model wrote an opposite question
+    assert sum(sum(row.values()) for row in rep["confusion"].values()) == 12
+    r = run(
+        *common,
+        "--choice",
+        "这条评论的情感是什么？",
+        "--options",
+        "0=负面,1=正面",
+        "--strategy",
+        "codes+permuted",
+        env=env,
+    )
+    rep = json.loads(r.stdout)
+    assert rep["strategy"] == "codes+permuted" and rep["branches"] == 2 and rep["auc"] is None
+    assert 0.0 <= rep["flip_rate"] <= 1.0 and rep["labels"] == ["0", "1"]
+    r = run(*common, "--choice", "?", "--options", "0,1", "--strategy", "cloze+magic", env=env)
+    assert r.returncode != 0 and "magic" in r.stderr and "Traceback" not in r.stderr
+    r = run(*common, "--choice", "?", "--options", "0", env=env)  # a label not among options
+    assert r.returncode == 2 and "not options" in r.stderr and "Traceback" not in r.stderr

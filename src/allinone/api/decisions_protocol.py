@@ -194,7 +194,8 @@ class DecisionRequest(_Strict):
     x_strategy: str | None = Field(
         None,
         description="How the answers are read (vendor field): a reading, codes or cloze, then "
-        "optional +permuted and +prior, e.g. cloze+prior; default: the server's. Unknown: 400/422.",
+        "optional +permuted, +contrast and +prior, e.g. cloze+contrast+prior (the default). "
+        "Unknown parts: 400 (422 on systemone).",
     )
 
 
@@ -308,7 +309,8 @@ class SystemOneRequest(_Strict):
     x_strategy: str | None = Field(
         None,
         description="How the answers are read (vendor field): a reading, codes or cloze, then "
-        "optional +permuted and +prior, e.g. cloze+prior; default: the server's. Unknown: 400/422.",
+        "optional +permuted, +contrast and +prior, e.g. cloze+contrast+prior (the default). "
+        "Unknown parts: 400 (422 on systemone).",
     )
 
 
