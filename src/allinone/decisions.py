@@ -475,7 +475,14 @@ class Opposites:
         """Keep the model's ``reply`` as the opposite of ``instructions`` (checked: one line,
         not the question again, not empty); returns what was kept."""
         line = reply.strip().splitlines()[0].strip() if reply.strip() else ""
-        ok = line and _normal(line) and _normal(line) != _normal(instructions)
+        asks = instructions.rstrip().endswith(("?", "？"))
+        # not the question again, nor its words reordered ("The writer is satisfied." ->
+        # "Is the writer satisfied?"), and in the same form (question or statement)
+        ok = (
+            _normal(line)
+            and sorted(_normal(line)) != sorted(_normal(instructions))
+            and line.rstrip().endswith(("?", "？")) == asks
+        )
         kept = line if ok and len(line) <= 4 * len(instructions) + 40 else None
         with self._lock:
             self._store[instructions] = kept

@@ -254,9 +254,14 @@ def test_contrast_reads_the_opposite_with_yes_counting_for_false():
     # without an opposite the answer says the contrast was not read
     (only,) = readings(q, st, None)
     assert read_answer(q, st, [only], [v1]).strategy == "codes"
-    ops = Opposites(max_questions=2)
+    ops = Opposites(max_questions=10)
     assert ops.put("Is it good?", " Is it bad?\nmore") == "Is it bad?"
     assert ops.put("Does it mention X?", "does it mention x") is None  # a repeat is no opposite
     assert ops.known("Does it mention X?") and ops.get("Does it mention X?") is None
-    ops.put("third", "other")
-    assert not ops.known("Is it good?")  # least recently used dropped
+    assert ops.put("The writer is satisfied.", "Is the writer satisfied?") is None  # reordered
+    assert ops.put("Is it red?", "It is blue.") is None  # another form
+    assert ops.put("这条评论是负面的吗？", "这条评论是正面的吗？") == "这条评论是正面的吗？"
+    small = Opposites(max_questions=2)
+    for q in ("a?", "b?", "c?"):
+        small.put(q, "z?")
+    assert not small.known("a?") and small.known("c?")  # least recently used dropped
