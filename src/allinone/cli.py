@@ -367,9 +367,9 @@ def _decision_eval(args: argparse.Namespace) -> int:
         evaluate_decision,
         format_decision_report,
         parse_options,
-        read_rows,
     )
     from allinone.decisions import DEFAULT_STRATEGY, DecisionError, Strategy, task_questions
+    from allinone.evaluation import read_rows
 
     try:
         strategy = Strategy.parse(args.strategy) if args.strategy else DEFAULT_STRATEGY

@@ -22,33 +22,10 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from allinone.decisions import Answer, DecisionService, Option, Question, Strategy, predicate
 from allinone.evaluation import percentile, score_predictions
 from allinone.tasks import TaskError
-
-
-def read_rows(path: Path, limit: int | None = None) -> list[tuple[str, str]]:
-    """(label, text) rows of a ``label<TAB>text`` file (a ``label`` header line is skipped).
-    Raises TaskError for a line without a tab or a file without rows."""
-    rows: list[tuple[str, str]] = []
-    with Path(path).open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            line = line.rstrip("\n")
-            if not line.strip():
-                continue
-            value, sep, text = line.partition("\t")
-            if not sep:
-                raise TaskError(f"{path}:{lineno}: expected label<TAB>text")
-            if lineno == 1 and value == "label":
-                continue
-            rows.append((value.strip(), text))
-            if limit and len(rows) >= limit:
-                break
-    if not rows:
-        raise TaskError(f"{path} has no labelled rows")
-    return rows
 
 
 def parse_options(spec: str) -> tuple[list[str], list[str]]:

@@ -23,10 +23,10 @@ class LabelledText:
     text: str
 
 
-def read_labelled(path: Path, task: TaskSpec, limit: int | None = None) -> list[LabelledText]:
-    """Rows of a ``label<TAB>text`` file (header optional); values map through the task's
-    ``label_values`` (``1``/``0`` -> 正面/负面 for sentiment)."""
-    rows: list[LabelledText] = []
+def read_rows(path: Path, limit: int | None = None) -> list[tuple[str, str]]:
+    """(label, text) rows of a ``label<TAB>text`` file (a ``label`` header line is skipped).
+    Raises TaskError for a line without a tab or a file without rows."""
+    rows: list[tuple[str, str]] = []
     with Path(path).open(encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, 1):
             line = line.rstrip("\n")
@@ -37,12 +37,18 @@ def read_labelled(path: Path, task: TaskSpec, limit: int | None = None) -> list[
                 raise TaskError(f"{path}:{lineno}: expected label<TAB>text")
             if lineno == 1 and value == "label":
                 continue
-            rows.append(LabelledText(task.label_for_value(value.strip()), text))
+            rows.append((value.strip(), text))
             if limit and len(rows) >= limit:
                 break
     if not rows:
         raise TaskError(f"{path} has no labelled rows")
     return rows
+
+
+def read_labelled(path: Path, task: TaskSpec, limit: int | None = None) -> list[LabelledText]:
+    """Rows of a ``label<TAB>text`` file (header optional); values map through the task's
+    ``label_values`` (``1``/``0`` -> 正面/负面 for sentiment)."""
+    return [LabelledText(task.label_for_value(v), t) for v, t in read_rows(path, limit)]
 
 
 def percentile(values: list[float], q: float) -> float:
