@@ -155,10 +155,6 @@ class Strategy:
             contrast="contrast" in mods,
         )
 
-    def without_contrast(self) -> Strategy:
-        """The strategy a predicate was read with when no opposite question was found."""
-        return Strategy(self.reading, self.permuted, self.prior, contrast=False)
-
 
 # The server's default, picked by the measurements in docs/decision-accuracy.md.
 DEFAULT_STRATEGY = Strategy("cloze", permuted=False, prior=True, contrast=True)
