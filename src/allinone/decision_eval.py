@@ -104,13 +104,16 @@ class DecisionEvalReport:
     texts_per_s: float
     batch: int
     confusion: dict[str, dict[str, int]] = field(default_factory=dict)
+    # per row: its gold label, the predicted label and the probabilities (label order)
+    predictions: list[dict] = field(default_factory=list)
 
     def to_dict(self) -> dict:
-        """The JSON shape of ``allinone eval --json`` for a decision."""
+        """The JSON shape of ``allinone eval --json`` for a decision (without ``predictions``,
+        which ``--rows FILE`` writes)."""
         out = {
             k: (round(v, 4) if isinstance(v, float) else v)
             for k, v in self.__dict__.items()
-            if k != "latency_ms"
+            if k not in ("latency_ms", "predictions")
         }
         out["latency_ms"] = {k: round(v, 2) for k, v in self.latency_ms.items()}
         return out
@@ -142,7 +145,7 @@ def evaluate_decision(
     q: Question,
     gold_labels: list[str],
     rows: list[tuple[str, str]],
-    strategy: Strategy,
+    strategy: Strategy | None,
     batch: int = 8,
     flips: bool = True,
     progress: bool = True,
@@ -192,7 +195,7 @@ def evaluate_decision(
     return DecisionEvalReport(
         kind=q.kind,
         question=q.instructions,
-        strategy=strategy.name,
+        strategy=service.strategy_for(q).name,
         model=tasks_service.backend.model_id,
         file=file,
         n=len(rows),
@@ -213,6 +216,15 @@ def evaluate_decision(
         texts_per_s=len(rows) / elapsed,
         batch=batch,
         confusion=scores.confusion,
+        predictions=[
+            {
+                "label": lab,
+                "predicted": names[p],
+                "probabilities": [round(x, 6) for x in a.probabilities],
+                "text": text,
+            }
+            for (lab, text), p, a in zip(rows, pred, answers, strict=True)
+        ],
     )
 
 

@@ -37,10 +37,15 @@ How the answer is read is a **strategy** (``Strategy``, the ``x_strategy`` reque
   read; the opposite's "yes" counts for false, and the two readings' log-odds are averaged,
   which cancels a "yes" that follows the input (a positive-sounding text) whatever the
   question; when the model only repeats the question, the predicate is read without it and the
-  answer's strategy says so;
+  answer's strategy says so. The averaged log-odds are small (the tone moves both readings
+  alike), so the final log-odds are multiplied by ``CONTRAST_TEMPERATURE``, fitted on labelled
+  dev rows, to make the probability mean what it says;
 - ``+prior``: the question's own running prior (batch calibration, Zhou et al. 2023): the mean
   of the question's normalised option log-probabilities over its last ``PRIOR_WINDOW`` distinct
-  inputs is subtracted once ``PRIOR_MIN_INPUTS`` inputs were seen (``QuestionPriors``); a stored
+  inputs is subtracted once ``PRIOR_MIN_INPUTS`` inputs were seen (``QuestionPriors``); before
+  that, the mean over ``CONTENT_FREE_INPUTS`` read once per question (contextual calibration,
+  Zhao et al. 2021), so that a question's first answers are corrected too; predicates keep the
+  content-free prior for good (a running one assumes true and false equally common); a stored
   per-task calibration takes its place when the question names one.
 
 Measured figures per strategy and model: docs/decision-accuracy.md.
@@ -91,9 +96,20 @@ CLOZE_LISTED_MAX = 26
 # cloze labels per branch: every label of several tokens needs a scratch sequence of its own
 # while it is read, so a long option list is read over several branches with the same suffix
 CLOZE_LABELS_PER_BRANCH = 8
+
+# Temperature scaling (Guo et al. 2017) of a contrast-read predicate's final log-odds: fitted by
+# negative log-likelihood on the first 100 of 200 SST-2 and ChnSentiCorp dev rows each, default
+# model, ``cloze+contrast+prior`` (``benchmarks/fit_contrast_temperature.py``); on the other 100
+# of each, ECE 0.27 -> 0.05 (SST-2) and 0.20 -> 0.11 (ChnSentiCorp); re-checked after
+# predicates kept their content-free prior (relative fit 1.15, held-out ECE 0.07 and 0.10).
+# Changes confidence only, never which answer is on top.
+CONTRAST_TEMPERATURE = 10.85
 PRIOR_MIN_INPUTS = 8  # AnyJev's min_prior_n
 PRIOR_WINDOW = 256  # distinct inputs a question's prior averages over
 PRIOR_QUESTIONS = 1024  # questions whose priors are kept (least recently used dropped)
+# Content-free inputs (contextual calibration, Zhao et al. 2021, "Calibrate Before Use"): the
+# question read on these, once, gives its prior until PRIOR_MIN_INPUTS real inputs were seen.
+CONTENT_FREE_INPUTS = ("N/A", "", "[MASK]")
 
 
 class DecisionError(ValueError):
@@ -367,7 +383,8 @@ class QuestionPriors:
     once ``min_inputs`` were seen, the log of their mean probability is subtracted from the
     answer's log-probabilities before the softmax (the mean of probabilities, not of
     log-probabilities, so that one input the model found impossible cannot dominate it). At
-    most ``max_questions`` keys are kept, least recently used dropped. Thread-safe."""
+    most ``max_questions`` keys are kept, least recently used dropped. Before ``min_inputs``,
+    a content-free prior given by ``seed`` (if any) is subtracted instead. Thread-safe."""
 
     def __init__(
         self,
@@ -379,23 +396,49 @@ class QuestionPriors:
         self._store: OrderedDict[str, _Window] = OrderedDict()
         self._lock = threading.Lock()
 
-    def correct(self, key: str, input_key: str, lp: list[float]) -> tuple[list[float], int]:
-        """(``lp`` minus the log of the question's prior, or ``lp`` unchanged before
-        ``min_inputs``; the number of inputs the prior averaged). ``lp`` (normalised
-        log-probabilities) is then added to the question's window."""
+    def _window(self, key: str, n_options: int) -> _Window:
+        # caller holds the lock; the key becomes the most recently used
+        win = self._store.pop(key, None)
+        if win is None or len(win.total) != n_options:
+            room = max(self.min_inputs, min(self.window, MAX_PRIOR_VALUES // max(1, n_options)))
+            win = _Window(room, n_options)
+        self._store[key] = win
+        while len(self._store) > self.max_questions:
+            self._store.popitem(last=False)
+        return win
+
+    def seeded(self, key: str) -> bool:
+        """Whether the question has its content-free prior (or no longer needs one)."""
         with self._lock:
-            win = self._store.pop(key, None)
-            if win is None:
-                room = max(self.min_inputs, min(self.window, MAX_PRIOR_VALUES // max(1, len(lp))))
-                win = _Window(room, len(lp))
-            self._store[key] = win
-            while len(self._store) > self.max_questions:
-                self._store.popitem(last=False)
-            n = len(win.rows)
-            out = lp
+            win = self._store.get(key)
+            return win is not None and win.seed is not None
+
+    def seed(self, key: str, lps: list[list[float]]) -> None:
+        """Set the question's content-free prior: the mean probability of ``lps`` (normalised
+        log-probabilities, one list per content-free input, one value per option)."""
+        probs = [[math.exp(x) for x in lp] for lp in lps]
+        with self._lock:
+            win = self._window(key, len(probs[0]))
+            win.seed = [sum(col) / len(probs) for col in zip(*probs, strict=True)]
+
+    def correct(
+        self, key: str, input_key: str, lp: list[float], running: bool = True
+    ) -> tuple[list[float], int]:
+        """(``lp`` minus the log of the question's prior, the number of inputs that prior
+        averaged): the running prior from ``min_inputs`` real inputs on (``running``), the
+        content-free one before or instead (counted as 0 inputs), else ``lp`` unchanged.
+        ``lp`` (normalised log-probabilities) is then added to the question's window."""
+        with self._lock:
+            win = self._window(key, len(lp))
+            n = len(win.rows) if running else 0
+            prior: list[float] | None = None
             if n >= self.min_inputs:
-                prior = [math.log(max(x / n, 1e-300)) for x in win.total]
-                out = [x - p for x, p in zip(lp, prior, strict=True)]
+                prior = [x / n for x in win.total]
+            elif win.seed is not None:
+                prior = win.seed
+            out = lp
+            if prior is not None:
+                out = [x - math.log(max(p, 1e-300)) for x, p in zip(lp, prior, strict=True)]
             win.add(input_key, [math.exp(x) for x in lp])
             return out, (n if n >= self.min_inputs else 0)
 
@@ -414,6 +457,7 @@ class _Window:
         self.rows: deque[tuple[str, list[float]]] = deque()
         self.keys: set[str] = set()
         self.total = [0.0] * n
+        self.seed: list[float] | None = None  # content-free prior (QuestionPriors.seed)
 
     def add(self, key: str, probs: list[float]) -> None:
         if key in self.keys or len(probs) != len(self.total):
@@ -502,23 +546,19 @@ def prior_key(strategy: Strategy, q: Question, rds: Sequence[Reading]) -> str:
     return hashlib.sha256(raw.encode()).hexdigest()
 
 
-def read_answer(
+def combine_views(
     q: Question,
-    strategy: Strategy,
     rds: Sequence[Reading],
     logprobs: Sequence[Sequence[float]],
     cal: calibration.Calibration | None = None,
-    priors: QuestionPriors | None = None,
-    input_key: str = "",
-) -> Answer:
+) -> tuple[list[float], float]:
     """Per-reading label log-probabilities (full vocabulary, one list per reading, one value per
-    label) -> Answer.
+    label) -> (normalised log-probabilities, one per option; label mass).
 
     Per view, an option's log-probability is the log of its labels' summed probability; a
     stored calibration adds its per-label bias there (``calibration.Calibration.apply``). The
-    views' log-softmaxed vectors are averaged (log-mean), the question's running prior is
-    subtracted (``+prior``, not when a calibration applies), and the softmax is the answer.
-    ``label_mass``: the labels' share of the probability, averaged over views, at most 1."""
+    views' log-softmaxed vectors are averaged (log-mean). ``label_mass``: the labels' share of
+    the probability, averaged over views, at most 1."""
     n = option_count(q)
     per_view: dict[int, list[list[float]]] = {}
     mass: dict[int, float] = {}
@@ -534,22 +574,44 @@ def read_answer(
             option_lp = cal.apply([o.text for o in q.options], option_lp)
         views.append(_log_softmax(option_lp))
     combined = [sum(v[k] for v in views) / len(views) for k in range(n)]
+    return _log_softmax(combined), min(1.0, sum(mass.values()) / len(mass))
+
+
+def read_answer(
+    q: Question,
+    strategy: Strategy,
+    rds: Sequence[Reading],
+    logprobs: Sequence[Sequence[float]],
+    cal: calibration.Calibration | None = None,
+    priors: QuestionPriors | None = None,
+    input_key: str = "",
+) -> Answer:
+    """Per-reading label log-probabilities -> Answer: ``combine_views``, then the question's
+    prior subtracted (``+prior``, not when a calibration applies; ``QuestionPriors.correct``), a
+    predicate read with its opposite has its log-odds multiplied by ``CONTRAST_TEMPERATURE``,
+    and the softmax is the answer."""
+    combined, label_mass = combine_views(q, rds, logprobs, cal)
     prior_n = 0
     if strategy.prior and cal is None and priors is not None:
         key = prior_key(strategy, q, rds)
-        combined, prior_n = priors.correct(key, input_key, _log_softmax(combined))
+        # predicates keep their content-free prior: a running one assumes true and false
+        # equally common (docs/decision-accuracy.md, "cold start": COLD 0.59 vs 0.44)
+        running = q.kind != "predicate"
+        combined, prior_n = priors.correct(key, input_key, combined, running)
+    views_read = {r.view for r in rds}
+    contrast = strategy.contrast and bool(views_read & {2, 3})
+    if contrast:
+        combined = [v * CONTRAST_TEMPERATURE for v in _log_softmax(combined)]
     final = _log_softmax(combined)
     probs = [math.exp(v) for v in final]
     total = sum(probs)
-    label_mass = min(1.0, sum(mass.values()) / len(mass))
-    views_read = {r.view for r in rds}
     used = Strategy(
         "cloze"
         if any(r.whole for r in rds) or (q.kind != "choice" and strategy.reading == "cloze")
         else "codes",
         permuted=strategy.permuted and bool(views_read & {1, 3}),
         prior=strategy.prior and cal is None,
-        contrast=strategy.contrast and bool(views_read & {2, 3}),
+        contrast=contrast,
     )  # what was read: no opposite found, a list too long to permute, a calibration instead
     return Answer(q, [p / total for p in probs], label_mass, cal is not None, used.name, prior_n)
 
@@ -671,24 +733,11 @@ class DecisionJob:
 def answer_from_logprobs(
     q: Question, logprobs: Sequence[float], cal: calibration.Calibration | None = None
 ) -> Answer:
-    """Label log-probabilities (full vocabulary, one per label of ``labels_of(q)``) -> Answer.
-
-    An option's log-probability is the log of its labels' summed probability; a calibration
-    adds its per-label bias to those before the softmax (``calibration.Calibration.apply``)."""
-    _, owner = labels_of(q)
-    n = max(owner) + 1
-    top = max(logprobs)
-    mass = [0.0] * n
-    for lp, k in zip(logprobs, owner, strict=True):
-        mass[k] += math.exp(lp - top)
-    option_lp = [top + math.log(m) if m > 0 else -math.inf for m in mass]
-    if cal is not None:
-        option_lp = cal.apply([o.text for o in q.options], option_lp)
-    best = max(option_lp)
-    exps = [math.exp(lp - best) for lp in option_lp]
-    total = sum(exps)
-    label_mass = sum(math.exp(lp) for lp in logprobs)
-    return Answer(q, [e / total for e in exps], min(1.0, label_mass), cal is not None)
+    """Label log-probabilities (full vocabulary, one per label of ``labels_of(q)``) -> Answer:
+    ``read_answer`` of the single ``codes`` reading."""
+    labels, owner = labels_of(q)
+    rd = Reading(question_block(q), tuple(labels), tuple(owner))
+    return read_answer(q, Strategy("codes"), [rd], [logprobs], cal)
 
 
 FEW_SHOT = (
@@ -735,15 +784,30 @@ def _shots(strategy: Strategy) -> list[dict[str, str]]:
     return msgs
 
 
+def _opposite_params() -> GenerationParams:
+    """How an opposite is written: greedy, one line, at most OPPOSITE_MAX_TOKENS (a fresh
+    object each time: the engine may lower ``max_tokens`` to the room left)."""
+    return GenerationParams(max_tokens=OPPOSITE_MAX_TOKENS, stop=["\n"])
+
+
 class DecisionService:
     """Builds the branch request of a decision and reads its answers (engine-agnostic).
 
     ``tasks_service``: a TaskService (its backend, stored calibrations and
-    ``decision_priors``); ``strategy``: how questions are read (default ``DEFAULT_STRATEGY``)."""
+    ``decision_priors``); ``strategy``: how every question is read (None: the model's own,
+    ``TaskService.decision_strategy`` from the catalog, which may differ per question kind,
+    else ``DEFAULT_STRATEGY``; an engine that cannot score whole answers reads by codes)."""
 
     def __init__(self, tasks_service, strategy: Strategy | None = None) -> None:
         self.service = tasks_service
         whole = getattr(tasks_service.backend, "supports_answer_scoring", False)
+        own: dict[str, str] = getattr(tasks_service, "decision_strategy", None) or {}
+        # per question kind, where the model's own strategy says so (same reading: one prefix)
+        self.by_kind: dict[str, Strategy] = {}
+        if strategy is None and own and whole:
+            parsed = {kind: Strategy.parse(name) for kind, name in own.items()}
+            strategy = parsed.pop("*", DEFAULT_STRATEGY)
+            self.by_kind = {k: v for k, v in parsed.items() if v.reading == strategy.reading}
         if strategy is None:
             strategy = DEFAULT_STRATEGY
             if not whole:  # the cloze reading needs whole answers scored over the vocabulary
@@ -756,52 +820,99 @@ class DecisionService:
             )
         self.strategy = strategy
 
+    def strategy_for(self, q: Question) -> Strategy:
+        """How ``q`` is read: its kind's strategy, else the service's."""
+        return self.by_kind.get(q.kind, self.strategy)
+
     def plan(self, questions: list[Question]) -> list[list[Reading]]:
-        """Each question's readings under this service's strategy (a predicate's opposite, for
+        """Each question's readings under its strategy (a predicate's opposite, for
         ``+contrast``, as far as ``prepare`` found one)."""
-        return [readings(q, self.strategy, self._opposite(q)) for q in questions]
+        return [readings(q, self.strategy_for(q), self._opposite(q)) for q in questions]
 
     @property
     def opposites(self) -> Opposites:
         return self.service.decision_opposites
 
     def _opposite(self, q: Question) -> Question | None:
-        if not (self.strategy.contrast and q.kind == "predicate" and _normal(q.instructions)):
+        if not (
+            self.strategy_for(q).contrast and q.kind == "predicate" and _normal(q.instructions)
+        ):
             return None
         text = self.opposites.get(q.instructions)
         return predicate(text) if text else None
 
     def _missing(self, questions: list[Question]) -> list[str]:
-        if not self.strategy.contrast:
-            return []
         asked = {
             q.instructions
             for q in questions
             if q.kind == "predicate"
+            and self.strategy_for(q).contrast
             and _normal(q.instructions)
-            and not any(r.whole for r in readings(q, self.strategy))  # a noul read as a choice
+            and not any(r.whole for r in readings(q, self.strategy_for(q)))  # a noul as a choice
         }
         return sorted(t for t in asked if not self.opposites.known(t))
 
     def prepare(self, questions: list[Question]) -> None:
-        """Have the model write the opposites ``+contrast`` needs and has not cached (blocking)."""
+        """Have the model write the opposites ``+contrast`` needs and has not cached, then read
+        the content-free prior of each ``+prior`` question that has none (blocking)."""
         backend = self.service.backend
         for text in self._missing(questions):
-            params = GenerationParams(max_tokens=OPPOSITE_MAX_TOKENS, stop=["\n"])
-            fin = backend.generate(self.opposites.prompt(backend, text), params).result()
-            self.opposites.put(text, str(fin.result or "") if fin.reason == "stop" else "")
+            handle = backend.generate(self.opposites.prompt(backend, text), _opposite_params())
+            self._keep_opposite(text, handle.result())
+        unseeded = self._unseeded(questions)
+        if unseeded:
+            jobs = [self.submit(t, unseeded) for t in CONTENT_FREE_INPUTS]
+            self._seed(jobs, [job.handle.result() for job in jobs])
 
     async def prepare_async(self, questions: list[Question]) -> None:
         """``prepare`` for the server: the generations are cancelled if the caller goes away."""
         backend = self.service.backend
         for text in self._missing(questions):
-            params = GenerationParams(max_tokens=OPPOSITE_MAX_TOKENS, stop=["\n"])
-            handle = backend.generate(self.opposites.prompt(backend, text), params)
+            handle = backend.generate(self.opposites.prompt(backend, text), _opposite_params())
             try:
-                fin = await handle.result_async()
+                self._keep_opposite(text, await handle.result_async())
             finally:
                 handle.cancel()
-            self.opposites.put(text, str(fin.result or "") if fin.reason == "stop" else "")
+        unseeded = self._unseeded(questions)
+        if unseeded:
+            jobs = [self.submit(t, unseeded) for t in CONTENT_FREE_INPUTS]
+            try:
+                self._seed(jobs, [await job.handle.result_async() for job in jobs])
+            finally:
+                for job in jobs:
+                    job.handle.cancel()
+
+    def _unseeded(self, questions: list[Question]) -> list[Question]:
+        """The ``+prior`` questions (one per prior key) whose content-free prior is not read."""
+        priors = getattr(self.service, "decision_priors", None)
+        if priors is None:
+            return []
+        out: dict[str, Question] = {}
+        for q, rds in zip(questions, self.plan(questions), strict=True):
+            st = self.strategy_for(q)
+            key = prior_key(st, q, rds)
+            if st.prior and q.calibration is None and not priors.seeded(key):
+                out.setdefault(key, q)
+        return list(out.values())
+
+    def _seed(self, jobs: list[DecisionJob], finished: list[Finished]) -> None:
+        """Set each question's content-free prior from its readings of the content-free
+        inputs (``QuestionPriors.seed``)."""
+        per_question: list[list[list[float]]] = [[] for _ in jobs[0].questions]
+        for job, fin in zip(jobs, finished, strict=True):
+            per_branch = list(fin.result)
+            at = 0
+            for i, (q, rds) in enumerate(zip(job.questions, job.plan, strict=True)):
+                lp, _ = combine_views(q, rds, per_branch[at : at + len(rds)])
+                at += len(rds)
+                per_question[i].append(lp)
+        priors = self.service.decision_priors
+        for q, rds, lps in zip(jobs[0].questions, jobs[0].plan, per_question, strict=True):
+            priors.seed(prior_key(self.strategy_for(q), q, rds), lps)
+
+    def _keep_opposite(self, text: str, fin) -> None:
+        """Cache the written opposite (a reply cut at the token limit counts as none)."""
+        self.opposites.put(text, str(fin.result or "") if fin.reason == "stop" else "")
 
     def prompt(
         self, text: str, questions: list[Question]
@@ -871,7 +982,8 @@ class DecisionService:
             cal = self._calibration(q, i) if q.calibration is not None else None
             lps = per_branch[at : at + len(rds)]
             at += len(rds)
-            answers.append(read_answer(q, self.strategy, rds, lps, cal, priors, job.input_key))
+            st = self.strategy_for(q)
+            answers.append(read_answer(q, st, rds, lps, cal, priors, job.input_key))
         return DecisionResult(
             answers,
             input_tokens=finished.usage.prompt_tokens,

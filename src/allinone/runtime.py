@@ -18,6 +18,13 @@ def model_id_for(settings: Settings, path: Path) -> str:
     return entry.name if entry else path.stem
 
 
+def decision_strategy_for(settings: Settings) -> dict[str, str]:
+    """The configured model's own decision strategy per question kind ("*": the rest), from
+    the catalog; empty for the server default."""
+    entry = get_entry(settings.model.model)
+    return dict(entry.decision_strategy) if entry else {}
+
+
 def make_backend(settings: Settings) -> Backend:
     """Resolve (and fetch if allowed) the model, then construct the configured backend."""
     if settings.model.backend == "openai":  # the model lives in the upstream server

@@ -147,8 +147,17 @@ def _counted_text(message: dict) -> str:
 class TaskService:
     """Runs tasks on one backend: classification by label scoring, chat by generation."""
 
-    def __init__(self, backend: Backend, tasks: TaskRegistry, default_max_tokens: int = 256):
+    def __init__(
+        self,
+        backend: Backend,
+        tasks: TaskRegistry,
+        default_max_tokens: int = 256,
+        decision_strategy: dict[str, str] | None = None,
+    ):
         self.backend = backend
+        # the model's decision strategy per question kind when a request names none
+        # ({"*": ..., "predicate": ...}; empty: the server default)
+        self.decision_strategy = decision_strategy or {}
         self.tasks = tasks
         self.default_max_tokens = default_max_tokens
         self.calibrations: dict[str, calibration.Calibration] = {}

@@ -115,8 +115,10 @@ def test_choice_values_are_plain_text_unless_a_boolean_could_be_confused():
 from allinone.decision_eval import auc, expected_calibration_error, negation_of  # noqa: E402
 from allinone.decisions import (  # noqa: E402
     CLOZE_LABELS_PER_BRANCH,
+    CONTRAST_TEMPERATURE,
     QuestionPriors,
     Strategy,
+    prior_key,
     read_answer,
     readings,
 )
@@ -200,19 +202,83 @@ def test_running_prior_subtracts_the_mean_after_min_inputs_and_ignores_repeats()
     assert len(priors) == 2 and priors.correct("q", "x9", [-1.0, -1.0])[1] == 0
 
 
-def test_prior_turns_a_constant_yes_bias_into_balanced_answers():
-    q = Question("predicate", "Is it late?")
+def test_content_free_prior_applies_until_the_running_prior_takes_over():
+    priors = QuestionPriors(min_inputs=2)
+    assert not priors.seeded("q")
+    # read on the content-free inputs, the question says option 0 with 0.8 and 0.6
+    priors.seed("q", [[math.log(0.8), math.log(0.2)], [math.log(0.6), math.log(0.4)]])
+    assert priors.seeded("q")
+    out, n = priors.correct("q", "x1", [math.log(0.5), math.log(0.5)])
+    # minus the log of the mean content-free probabilities (0.7, 0.3): option 1 now leads
+    assert n == 0 and out == pytest.approx([math.log(0.5 / 0.7), math.log(0.5 / 0.3)])
+    priors.correct("q", "x2", [math.log(0.9), math.log(0.1)])
+    out, n = priors.correct("q", "x3", [math.log(0.5), math.log(0.5)])
+    assert n == 2  # two real inputs: their mean (0.7, 0.3) replaces the content-free one
+    assert out == pytest.approx([math.log(0.5 / 0.7), math.log(0.5 / 0.3)])
+
+
+def test_a_models_own_strategy_can_differ_per_question_kind():
+    from types import SimpleNamespace
+
+    from allinone.decisions import DecisionService
+    from allinone.models.catalog import CATALOG
+
+    backend = SimpleNamespace(supports_answer_scoring=True, name="llama_cpp")
+    tasks = SimpleNamespace(
+        backend=backend, decision_strategy={"*": "cloze+prior", "predicate": "cloze"}
+    )
+    svc = DecisionService(tasks)
+    opts = (Option("a"), Option("b"))
+    yes_no, choice = Question("predicate", "Late?"), Question("choice", "Which?", opts)
+    assert svc.strategy_for(yes_no).name == "cloze" and svc.strategy_for(choice).name == (
+        "cloze+prior"
+    )
+    # a request's strategy is read for every kind; an engine without whole-answer scoring
+    # falls back to the codes default
+    assert DecisionService(tasks, Strategy("codes")).strategy_for(yes_no).name == "codes"
+    plain = SimpleNamespace(
+        backend=SimpleNamespace(supports_answer_scoring=False, name="x"),
+        decision_strategy=tasks.decision_strategy,
+    )
+    assert DecisionService(plain).strategy_for(choice) == Strategy(
+        "codes", prior=True, contrast=True
+    )
+    # every catalog model's own strategy parses, names the rest ("*") and keeps one reading
+    for entry in CATALOG.values():
+        own = dict(entry.decision_strategy)
+        if own:
+            parsed = [Strategy.parse(v) for v in own.values()]
+            assert "*" in own and len({p.reading for p in parsed}) == 1
+
+
+def test_prior_turns_a_constant_bias_into_balanced_answers():
+    # a choice: the running prior takes over after min_inputs
+    q = Question("choice", "Is it late?", (Option("late"), Option("on time")))
     st = Strategy("codes", prior=True)
     (r,) = readings(q, st)
+    assert r.labels == ("A", "B")
     priors = QuestionPriors(min_inputs=2)
-    # the model says "no" to everything, a bit less to the late inputs
+    # the model says "B" to everything, a bit less to the late inputs
     inputs = {"a": 0.3, "b": 0.1, "c": 0.35, "d": 0.05}
     answers = {}
-    for key, p_yes in inputs.items():
-        lps = [math.log(p_yes), -30, math.log(1 - p_yes), -30]
+    for key, p_a in inputs.items():
+        lps = [math.log(p_a), math.log(1 - p_a)]
         answers[key] = read_answer(q, st, [r], [lps], priors=priors, input_key=key)
     assert answers["a"].prior_inputs == 0 and answers["c"].prior_inputs == 2
-    assert answers["c"].probability_true > 0.5 > answers["d"].probability_true
+    assert answers["c"].top == 0 and answers["d"].top == 1
+    # a predicate keeps its content-free prior (here P(yes) 0.2 on content-free inputs)
+    yes_no = Question("predicate", "Is it late?")
+    (r,) = readings(yes_no, st)
+    key = prior_key(st, yes_no, [r])
+    priors.seed(key, [[math.log(0.2), math.log(0.8)]])
+    for k, p_yes in inputs.items():
+        lps = [math.log(p_yes), -30, math.log(1 - p_yes), -30]
+        answers[k] = read_answer(yes_no, st, [r], [lps], priors=priors, input_key=k)
+    assert all(a.prior_inputs == 0 for a in answers.values())
+    assert answers["a"].probability_true > 0.5 > answers["b"].probability_true
+    # P(yes) 0.3 against a prior of 0.2: odds (0.3/0.2) / (0.7/0.8)
+    odds = (0.3 / 0.2) / (0.7 / 0.8)
+    assert answers["a"].probability_true == pytest.approx(odds / (1 + odds))
 
 
 def test_eval_metrics_by_hand():
@@ -247,9 +313,11 @@ def test_contrast_reads_the_opposite_with_yes_counting_for_false():
     v1 = [math.log(0.4), -40, math.log(0.6), -40]
     v2 = [math.log(0.8), -40, math.log(0.2), -40]
     a = read_answer(q, st, [one, two], [v1, v2])
-    # log-odds of true: ((ln .4 - ln .6) + (ln .2 - ln .8)) / 2
-    z = (math.log(0.4 / 0.6) + math.log(0.2 / 0.8)) / 2
+    # log-odds of true: ((ln .4 - ln .6) + (ln .2 - ln .8)) / 2, times the fitted temperature
+    z = (math.log(0.4 / 0.6) + math.log(0.2 / 0.8)) / 2 * CONTRAST_TEMPERATURE
     assert a.probability_true == pytest.approx(1 / (1 + math.exp(-z)), abs=1e-9)
+    # the temperature sharpens, never turns the answer round
+    assert a.probability_true < 0.5 and z < 0
     assert a.strategy == "codes+contrast"
     # without an opposite the answer says the contrast was not read
     (only,) = readings(q, st, None)

@@ -104,9 +104,14 @@ class ServerState:
             self.load_error = f"{type(exc).__name__}: {exc}"
             self.fatal(f"the model failed to load: {self.load_error}")
             return
+        from allinone.runtime import decision_strategy_for
+
         self.backend = backend
         self.service = TaskService(
-            backend, self.tasks, default_max_tokens=self.settings.server.default_max_tokens
+            backend,
+            self.tasks,
+            default_max_tokens=self.settings.server.default_max_tokens,
+            decision_strategy=decision_strategy_for(self.settings),
         )
         calibrated = self.service.load_calibrations(self.settings.model.cache_dir)
         if calibrated:

@@ -50,6 +50,10 @@ class ModelEntry:
     role: str = ""
     aliases: tuple[str, ...] = field(default_factory=tuple)
     derived: Derivation | None = None
+    # how decisions are read on this model when a request names no strategy (``x_strategy``):
+    # (question kind or "*", strategy) pairs, one reading for all; empty: the server's default
+    # (decisions.DEFAULT_STRATEGY). Chosen by measurement (docs/decision-accuracy.md).
+    decision_strategy: tuple[tuple[str, str], ...] = ()
 
     def source(self) -> str:
         """Where the file comes from, in one line."""
@@ -89,6 +93,11 @@ QWEN_CODER_15B = ModelEntry(
     license="Apache-2.0 (upstream Qwen licence; the carrier packages ship none)",
     role="accurate",
     aliases=("accurate", "qwen1.5b"),
+    # measured on the dev sets (docs/decision-accuracy.md, 40 rows): choices gain from the
+    # option texts and the prior (emotion-en F1 0.55 -> 0.72, routing 0.54 -> 0.70); its
+    # predicates follow the question without contrast, and a prior moves a threshold that
+    # was right (COLD 0.72 cloze, 0.60 cloze+prior, 0.62 codes+contrast+prior)
+    decision_strategy=(("*", "cloze+prior"), ("predicate", "cloze")),
 )
 
 # The default's weights widened to BF16 (embeddings and output head Q8_0). On CPUs with
