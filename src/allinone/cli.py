@@ -37,14 +37,16 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 def _service(settings: Settings, use_calibration: bool = True):
-    from allinone.runtime import make_backend
+    from allinone.runtime import decision_strategy_for, make_backend
     from allinone.service import TaskService
     from allinone.tasks import TaskRegistry
 
     tasks = TaskRegistry.load(settings.server.tasks_dir)
     backend = make_backend(settings)
     backend.load()
-    service = TaskService(backend, tasks, settings.server.default_max_tokens)
+    service = TaskService(
+        backend, tasks, settings.server.default_max_tokens, decision_strategy_for(settings)
+    )
     if use_calibration:
         service.load_calibrations(settings.model.cache_dir)
     return service
@@ -368,11 +370,11 @@ def _decision_eval(args: argparse.Namespace) -> int:
         format_decision_report,
         parse_options,
     )
-    from allinone.decisions import DEFAULT_STRATEGY, DecisionError, Strategy, task_questions
+    from allinone.decisions import DecisionError, Strategy, task_questions
     from allinone.evaluation import read_rows
 
     try:
-        strategy = Strategy.parse(args.strategy) if args.strategy else DEFAULT_STRATEGY
+        strategy = Strategy.parse(args.strategy) if args.strategy else None
     except DecisionError as exc:
         raise SystemExit(f"error: --strategy: {exc}") from None
     service = _service(_settings(args), use_calibration=not args.no_calibration)
@@ -404,6 +406,13 @@ def _decision_eval(args: argparse.Namespace) -> int:
                     raise SystemExit("error: a predicate needs --true LABEL[,LABEL]")
             else:
                 gold = list(tq.choices if q.kind == "choice" else tq.levels)
+                if args.options:  # the set's own label for each option, in order
+                    gold = parse_options(args.options)[0]
+                    if len(gold) != len(q.options):
+                        raise SystemExit(
+                            f"error: --options: {len(q.options)} labels, one per option of "
+                            f"{args.question!r} in order ({', '.join(o.text for o in q.options)})"
+                        )
         rows = read_rows(args.file, args.limit)
         report = evaluate_decision(
             service,
@@ -418,6 +427,10 @@ def _decision_eval(args: argparse.Namespace) -> int:
         )
     finally:
         service.backend.close()
+    if args.rows:
+        with args.rows.open("w", encoding="utf-8") as fh:
+            for row in report.predictions:
+                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
     out = report.to_dict()
     print(json.dumps(out, ensure_ascii=False) if args.json else format_decision_report(report))
     return 0
@@ -428,6 +441,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     if args.predicate or args.choice or args.score or args.question:
         return _decision_eval(args)
+    if args.rows:
+        raise SystemExit(
+            "error: --rows writes a decision question's answers; add --predicate, "
+            "--choice, --score or --question"
+        )
     _, report = _evaluate(
         args,
         use_calibration=not args.no_calibration,
@@ -563,7 +581,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     import llama_cpp
 
     from allinone import llama_build
-    from allinone.backends.host_check import build_record, check_library_runs
+    from allinone.backends.host_check import build_record, check_library_runs, extra_bufts
 
     host = llama_build.host_description()
     simd = sorted(
@@ -585,9 +603,14 @@ def cmd_doctor(args: argparse.Namespace) -> int:
             "cflags": plan.get("cflags"),
             "probes": {p["name"]: p["status"] for p in plan.get("probes", [])},
             "smoke": record.get("smoke", {}).get("message"),
+            "ladder": [
+                {k: t.get(k) for k in ("mode", "extra_bufts", "ok", "message", "frames")}
+                for t in record.get("ladder", [])
+            ],
         }
         if record
         else None,
+        "extra_buffer_types": extra_bufts(),
     }
     status = 0
     if args.check:
@@ -613,8 +636,17 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         tried = {k: v for k, v in b["probes"].items() if v != "skipped"}
         print(f"probes:     {tried or 'none needed (-march=native enables no probed extension)'}")
         print(f"smoke test: {b['smoke']}")
+        for t in b["ladder"]:
+            how = "" if t["extra_bufts"] else ", extra buffer types off"
+            frames = f" [{' < '.join(t['frames'][:3])}]" if t.get("frames") else ""
+            verdict = "passed" if t["ok"] else f"FAILED: {t['message']}{frames}"
+            print(f"  tried:    {t['mode']}{how}: {verdict}")
     else:
         print("built:      no build record (not installed by this project's Makefile)")
+    print(
+        "loads with: llama.cpp's extra buffer types (AMX, repacked weights) "
+        + ("on" if report["extra_buffer_types"] else "OFF")
+    )
     if "check" in report:
         print(f"check:      {report['check']}")
     return status
@@ -710,6 +742,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def _plan_from_args(args: argparse.Namespace) -> dict:
+    from allinone.cpu_budget import cpu_budget
     from allinone.planner.plan import PlanRequest, make_plan
 
     if getattr(args, "plan", None):
@@ -724,7 +757,8 @@ def _plan_from_args(args: argparse.Namespace) -> dict:
             devices=args.devices,
             instances=args.instances,
             headroom=args.headroom,
-            threads=args.threads or 2,
+            # the server's own default: this host's CPU budget (affinity mask, cgroup quota)
+            threads=args.threads or cpu_budget().count,
         )
     )
 
@@ -855,7 +889,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument(
         "--options",
         metavar="LABEL[=TEXT],...",
-        help="choice/score: gold labels (=TEXT: as the model sees it)",
+        help="choice/score: gold labels (=TEXT: as the model sees it); with --question, "
+        "the set's label for each of the question's options, in order",
+    )
+    e.add_argument(
+        "--rows", type=Path, metavar="FILE", help="decisions: write each row's answer (JSON lines)"
     )
     e.add_argument("--strategy", help="decision strategy (default: the server's)")
     e.add_argument("--no-flips", action="store_true", help="skip the negation/reversal pass")
@@ -921,7 +959,11 @@ def build_parser() -> argparse.ArgumentParser:
     shape.add_argument("--devices", default="cpu", help="cpu, cpu:16GiB, 4x24GiB, 1x80GiB")
     shape.add_argument("--instances", type=int, default=1, help="instances on those devices")
     shape.add_argument("--headroom", type=float, default=0.10, help="memory kept free (0.10)")
-    shape.add_argument("--threads", type=int, help="CPU threads per instance (2)")
+    shape.add_argument(
+        "--threads",
+        type=int,
+        help="CPU threads per instance (default: this host's CPU budget, as the server counts it)",
+    )
 
     pl = sub.add_parser("plan", parents=[shape], help="memory and limits for a model deployment")
     pl.add_argument("--json", action="store_true", help="print one JSON object")
