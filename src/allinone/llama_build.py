@@ -58,6 +58,16 @@ CONSERVATIVE_X86 = (
     "-DGGML_AMX_BF16=OFF"
 )
 CONSERVATIVE_OTHER = "-DGGML_NATIVE=OFF"
+# GCC 12 drops the stores that fill ggml's AMX tile configuration (dead-store elimination past
+# ``_tile_loadconfig``'s 8-byte asm operand), so its AMX matrix multiply loads unconfigured
+# tiles and dies; keeping the stores makes it run (docs/amx-sigill.md).
+DSE_FIX = ("-fno-tree-dse", "-fno-dse")
+_AVX512_OFF = ("-mno-avx512f",)  # GCC drops every AVX-512 subset with it
+# The rungs tried in order until one passes the smoke test: the CPU's full native set, then
+# without the extension most often at fault (AMX: the known trap on virtualised hosts), then
+# without AVX-512, then the conservative x86-64-v3 set. Before a rebuild without AMX, the native
+# wheel is tried again with llama.cpp's extra buffer types off (no AMX or repacked weights).
+LADDER = ("native", "native-no-amx", "native-no-avx512", "conservative")
 SMOKE_PROMPT_TOKENS = 80  # >= 64: batched matrix kernels (and AMX) start at larger batches
 
 _AMX_PRELUDE = textwrap.dedent(
@@ -302,7 +312,7 @@ def compiler_version(cc: str) -> str:
 
 @dataclass
 class BuildPlan:
-    """What one build uses: ``mode`` is ``native``, ``conservative`` or ``override``."""
+    """What one build uses: ``mode`` is a rung of :data:`LADDER` or ``override``."""
 
     version: str
     mode: str
@@ -321,17 +331,52 @@ class BuildPlan:
         return f"{self.version}-{self.mode}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
 
 
-def make_plan(version: str, mode: str, probes: list[ProbeResult]) -> BuildPlan:
-    """The CMake arguments and C flags for ``mode``; environment overrides win over both."""
+def ladder(macros: set[str]) -> list[str]:
+    """The rungs worth building here: a rung that would build the same as the one above it
+    (native enables no AMX, no AVX-512) is left out; off x86 only native and conservative."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return ["native", "conservative"]
+    out = ["native"]
+    if not macros or "__AMX_TILE__" in macros:
+        out.append("native-no-amx")
+    if not macros or "__AVX512F__" in macros:
+        out.append("native-no-avx512")
+    return [*out, "conservative"]
+
+
+def make_plan(
+    version: str,
+    mode: str,
+    probes: list[ProbeResult],
+    macros: set[str] | None = None,
+    gcc: bool = True,
+) -> BuildPlan:
+    """The CMake arguments and C flags for ``mode`` (a rung of :data:`LADDER`); environment
+    overrides win over both. ``macros``: what ``-march=native`` defines (None: unknown);
+    ``gcc``: the compiler is GCC (which needs :data:`DSE_FIX` for ggml's AMX code)."""
     unsafe = unsafe_system_info(probes)
-    cflags = " ".join(disabled_flags(probes))
-    if mode == "native":
+    flags = disabled_flags(probes)
+
+    def add(*more: str) -> None:
+        flags.extend(f for f in more if f not in flags)
+
+    if mode.startswith("native"):
         cmake = "-DGGML_NATIVE=ON"
+        if mode in ("native-no-amx", "native-no-avx512"):
+            add(*_AMX_OFF)
+            unsafe = sorted(set(unsafe) | {"AMX_INT8"})
+        if mode == "native-no-avx512":
+            add(*_AVX512_OFF)
+            unsafe = sorted(set(unsafe) | {"AVX512"})
+        amx = macros is None or "__AMX_TILE__" in macros
+        if gcc and amx and "-mno-amx-tile" not in flags:
+            add(*DSE_FIX)
     else:
         x86 = platform.machine().lower() in ("x86_64", "amd64")
         cmake = CONSERVATIVE_X86 if x86 else CONSERVATIVE_OTHER
-        cflags = ""  # nothing the conservative set enables needs switching off
+        flags = []  # nothing the conservative set enables needs switching off
         unsafe = sorted(set(unsafe) | {"AMX_INT8", "AVX512"}) if x86 else unsafe
+    cflags = " ".join(flags)
     over_cmake = os.environ.get("ALLINONE_LLAMA_CMAKE_ARGS")
     over_cflags = os.environ.get("ALLINONE_LLAMA_CFLAGS")
     if over_cmake is not None or over_cflags is not None:
@@ -348,13 +393,15 @@ _SMOKE = textwrap.dedent(
     """
     import ctypes, json, sys
     import llama_cpp as L
-    path, n_prompt = sys.argv[1], int(sys.argv[2])
+    path, n_prompt, extra_bufts = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1"
     quiet = L.llama_log_callback(lambda *a: None)  # kept referenced while C may call it
     L.llama_log_set(quiet, ctypes.c_void_p(0))
     L.llama_backend_init()
     info = L.llama_print_system_info().decode()
     print(json.dumps({"system_info": info}), flush=True)
-    model = L.llama_model_load_from_file(path.encode(), L.llama_model_default_params())
+    mp = L.llama_model_default_params()
+    mp.use_extra_bufts = extra_bufts  # off: no AMX or repacked weight layouts
+    model = L.llama_model_load_from_file(path.encode(), mp)
     assert model, "the model did not load"
     cp = L.llama_context_default_params()
     cp.n_ctx, cp.n_batch, cp.n_ubatch, cp.n_threads, cp.n_threads_batch = 512, 128, 128, 2, 2
@@ -383,12 +430,14 @@ _SMOKE = textwrap.dedent(
 
 @dataclass
 class SmokeResult:
-    """The smoke test's outcome; ``system_info`` as ``llama_print_system_info()`` gives it."""
+    """The smoke test's outcome; ``system_info`` as ``llama_print_system_info()`` gives it.
+    ``frames``: the innermost stack frames of a crash, where gdb could give them."""
 
     ok: bool
     returncode: int
     system_info: str
     message: str
+    frames: list[str] = field(default_factory=list)
 
 
 def run_smoke(
@@ -398,16 +447,21 @@ def run_smoke(
     unsafe: list[str] | None = None,
     n_prompt: int = SMOKE_PROMPT_TOKENS,
     timeout: float = 300,
+    extra_bufts: bool = True,
+    backtrace: bool = False,
 ) -> SmokeResult:
     """Load ``model`` and decode ``n_prompt`` tokens in one batch plus 4 single tokens, in a
     child process of ``python`` (``pythonpath`` first on its path); SIGILL is reported, not
-    suffered. ``unsafe``: system-info names that must not be enabled (``AMX_INT8`` ...)."""
+    suffered. ``unsafe``: system-info names that must not be enabled (``AMX_INT8`` ...).
+    ``extra_bufts``: llama.cpp's extra buffer types (AMX, repacked weights) when loading.
+    ``backtrace``: on a crash, run it again under gdb (if installed) for the failing frames."""
     env = dict(os.environ)
     if pythonpath:
         env["PYTHONPATH"] = pythonpath + os.pathsep + env.get("PYTHONPATH", "")
+    argv = [python, "-c", _SMOKE, str(model), str(n_prompt), "1" if extra_bufts else "0"]
     try:
         ran = subprocess.run(
-            [python, "-c", _SMOKE, str(model), str(n_prompt)],
+            argv,
             capture_output=True,
             text=True,
             env=env,
@@ -424,9 +478,20 @@ def run_smoke(
             continue
         info = doc.get("system_info", info)
         ok_line = ok_line or bool(doc.get("ok"))
-    if ran.returncode == -signal.SIGILL:
+    if ran.returncode < 0:
+        frames = crash_frames(argv, env) if backtrace else []
+        try:
+            name = signal.Signals(-ran.returncode).name
+        except ValueError:
+            name = f"signal {-ran.returncode}"
+        what = {"SIGILL": " (illegal instruction)", "SIGSEGV": " (segmentation fault)"}
+        at = f" in {frames[0]}" if frames else ""
         return SmokeResult(
-            False, ran.returncode, info, "SIGILL (illegal instruction) in the smoke decode"
+            False,
+            ran.returncode,
+            info,
+            f"{name}{what.get(name, '')} in the smoke decode{at}",
+            frames,
         )
     if ran.returncode != 0 or not ok_line:
         tail = (ran.stderr or ran.stdout).strip()[-800:]
@@ -441,6 +506,36 @@ def run_smoke(
             + ", ".join(enabled),
         )
     return SmokeResult(True, 0, info, f"decoded {n_prompt} prompt tokens + 4 tokens")
+
+
+def crash_frames(argv: list[str], env: dict[str, str], limit: int = 6) -> list[str]:
+    """The innermost ``limit`` frames (function names) of ``argv``'s crash under ``gdb -batch``;
+    empty when gdb is missing or the run does not crash again."""
+    gdb = shutil.which("gdb")
+    if gdb is None:
+        return []
+    cmd = [gdb, "-batch", "-nx", "-ex", "run", "-ex", "bt", "--args", *argv]
+    try:
+        ran = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return parse_backtrace(ran.stdout)[:limit]
+
+
+def parse_backtrace(text: str) -> list[str]:
+    """Function names of gdb's ``bt`` lines (``#0  0x... in ggml_foo (...) at ...``), in order."""
+    out = []
+    for line in text.splitlines():
+        line = line.strip()
+        if not (line.startswith("#") and line[1:2].isdigit()):
+            continue
+        rest = line.split(None, 1)[1] if " " in line else ""
+        if " in " in rest and rest.startswith("0x"):
+            rest = rest.split(" in ", 1)[1]
+        name = rest.split(" (", 1)[0].strip()
+        if name:
+            out.append(name)
+    return out
 
 
 # -- the build -----------------------------------------------------------------------------------
@@ -472,9 +567,11 @@ def build_wheel(python: str, plan: BuildPlan, out: Path) -> Path:
     return wheel
 
 
-def smoke_wheel(python: str, wheel: Path, model: Path, unsafe: list[str]) -> SmokeResult:
+def smoke_wheel(
+    python: str, wheel: Path, model: Path, unsafe: list[str], extra_bufts: bool = True
+) -> SmokeResult:
     """Install ``wheel`` into a scratch folder (no dependencies: the caller's Python has them)
-    and run the smoke test against it."""
+    and run the smoke test against it (a crash is run again under gdb for its frames)."""
     with tempfile.TemporaryDirectory(prefix="allinone-smoke-") as site:
         subprocess.run(
             [
@@ -492,29 +589,58 @@ def smoke_wheel(python: str, wheel: Path, model: Path, unsafe: list[str]) -> Smo
             check=True,
             stdout=sys.stderr,
         )
-        return run_smoke(python, model, pythonpath=site, unsafe=unsafe)
+        return run_smoke(
+            python, model, pythonpath=site, unsafe=unsafe, extra_bufts=extra_bufts, backtrace=True
+        )
 
 
 class BuildFailed(RuntimeError):
-    """Neither the native nor the conservative build ran here; the message says what to do."""
+    """No rung of the ladder gave a library that runs here; the message says what to do."""
+
+
+def _try(plan: BuildPlan, smoke: SmokeResult, extra_bufts: bool = True) -> dict:
+    """One try of the ladder, as ``build.json`` records it."""
+    return {
+        "mode": plan.mode,
+        "cmake_args": plan.cmake_args,
+        "cflags": plan.cflags,
+        "extra_bufts": extra_bufts,
+        "ok": smoke.ok,
+        "returncode": smoke.returncode,
+        "message": smoke.message,
+        "frames": smoke.frames,
+    }
+
+
+def _amx_in(plan: BuildPlan, macros: set[str]) -> bool:
+    """Whether the plan's library has AMX kernels (the extra buffer types that may fail)."""
+    return (
+        plan.mode.startswith("native")
+        and "-mno-amx-tile" not in plan.cflags.split()
+        and (not macros or "__AMX_TILE__" in macros)
+    )
 
 
 def ensure_wheel(python: str, wheelhouse: Path, version: str, model: Path) -> Path:
     """The folder holding a llama-cpp-python wheel proven to run on this host (built if needed).
 
-    Raises BuildFailed when no flag set gives a library that passes the smoke test.
+    Walks :data:`LADDER` (or the override) until a rung passes the smoke test; every try, with
+    how it failed (signal, exit code, gdb's frames), is recorded in the kept wheel's
+    ``build.json`` (``ladder``), and ``load.use_extra_bufts`` says whether the server must load
+    models with llama.cpp's extra buffer types off. Raises BuildFailed when no rung runs.
     """
     cc = compiler()
     host = host_description()
     cc_version = compiler_version(cc)
+    gcc = "clang" not in cc_version.lower()
     probes = probe_host(cc)
+    macros = native_macros(cc) if platform.machine().lower() in ("x86_64", "amd64") else set()
     for r in probes:
         if r.status != "skipped":
             _log(f"probe {r.name}: {r.status} ({r.detail})")
-    modes = ["native", "conservative"]
-    failures: list[str] = []
-    for mode in modes:
-        plan = make_plan(version, mode, probes)
+    tries: list[dict] = []
+    for mode in ladder(macros):
+        plan = make_plan(version, mode, probes, macros, gcc)
         folder = wheelhouse / plan.key(host, cc_version)
         record = folder / "build.json"
         if record.exists():
@@ -522,21 +648,36 @@ def ensure_wheel(python: str, wheelhouse: Path, version: str, model: Path) -> Pa
             if doc.get("smoke", {}).get("ok") and _wheel_in(folder):
                 return folder
             if not doc.get("smoke", {}).get("ok"):
-                failures.append(f"{plan.mode} (earlier): {doc['smoke'].get('message')}")
+                tries.extend(doc.get("tries") or [_try(plan, SmokeResult(**doc["smoke"]))])
                 if plan.mode != "override":
-                    continue  # known not to run here: go straight to the next flag set
+                    continue  # known not to run here: go straight to the next rung
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix="allinone-wheel-", dir=wheelhouse) as tmp:
             t0 = time.monotonic()
             wheel = build_wheel(python, plan, Path(tmp))
             seconds = time.monotonic() - t0
             smoke = smoke_wheel(python, wheel, model, plan.unsafe)
+            mine = [_try(plan, smoke)]
+            extra_bufts = True
+            if not smoke.ok:
+                _log(f"smoke test FAILED for the {plan.mode} build: {smoke.message}")
+            if not smoke.ok and _amx_in(plan, macros):
+                # no rebuild needed: the same library without AMX and repacked weight layouts
+                retry = smoke_wheel(python, wheel, model, plan.unsafe, extra_bufts=False)
+                mine.append(_try(plan, retry, extra_bufts=False))
+                if retry.ok:
+                    smoke, extra_bufts = retry, False
+                    _log("the same build passes with llama.cpp's extra buffer types off")
+            tries.extend(mine)
             doc = {
                 "plan": asdict(plan),
                 "host": host,
                 "compiler": cc_version,
                 "build_seconds": round(seconds),
                 "smoke": asdict(smoke),
+                "load": {"use_extra_bufts": extra_bufts},
+                "tries": mine,
+                "ladder": tries,
                 "wheel": wheel.name,
             }
             if smoke.ok:
@@ -545,8 +686,6 @@ def ensure_wheel(python: str, wheelhouse: Path, version: str, model: Path) -> Pa
         if smoke.ok:
             _log(f"smoke test passed ({smoke.message}); {smoke.system_info.strip()}")
             return folder
-        _log(f"smoke test FAILED for the {plan.mode} build: {smoke.message}")
-        failures.append(f"{plan.mode}: {smoke.message}")
         if plan.mode == "override":
             break
     raise BuildFailed(
@@ -554,7 +693,7 @@ def ensure_wheel(python: str, wheelhouse: Path, version: str, model: Path) -> Pa
         f"  CPU: {host['cpu'] or 'unknown'} ({host['machine']})\n"
         f"  flags: {host['flags']}\n"
         f"  probes: {', '.join(f'{r.name}={r.status}' for r in probes) or 'none'}\n"
-        "  tried: " + "; ".join(failures) + "\n"
+        "  tried: " + "; ".join(f"{t['mode']}: {t['message']}" for t in tries) + "\n"
         "What to do: set ALLINONE_LLAMA_CMAKE_ARGS (e.g. '-DGGML_NATIVE=OFF') and/or "
         "ALLINONE_LLAMA_CFLAGS (e.g. '-mno-avx512f') to a set this CPU runs, then run make again; "
         f"the records of each try are in {wheelhouse}/*/build.json."

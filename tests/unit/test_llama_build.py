@@ -132,3 +132,131 @@ def test_the_smoke_test_refuses_a_library_built_with_an_unsafe_extension(tmp_pat
     assert not bad.ok and "AMX_INT8" in bad.message
     good = lb.run_smoke(str(fake), tmp_path / "m.gguf", unsafe=["AVX512_BF16"])
     assert good.ok
+
+
+NATIVE_X86 = {"__AMX_TILE__", "__AVX512F__", "__AVX2__"}
+
+
+def test_the_ladder_goes_native_then_without_amx_then_without_avx512_then_conservative(
+    monkeypatch,
+):
+    monkeypatch.delenv("ALLINONE_LLAMA_CMAKE_ARGS", raising=False)
+    monkeypatch.delenv("ALLINONE_LLAMA_CFLAGS", raising=False)
+    monkeypatch.setattr(lb.platform, "machine", lambda: "x86_64")
+    rungs = lb.ladder(NATIVE_X86)
+    assert rungs == ["native", "native-no-amx", "native-no-avx512", "conservative"]
+    plans = {m: lb.make_plan("0.3.36", m, [], NATIVE_X86, gcc=True) for m in rungs}
+    # GCC keeps the AMX tile configuration's stores only with dead-store elimination off
+    assert plans["native"].cflags.split() == list(lb.DSE_FIX) and plans["native"].unsafe == []
+    assert plans["native-no-amx"].cflags.split() == [
+        "-mno-amx-tile",
+        "-mno-amx-int8",
+        "-mno-amx-bf16",
+    ]
+    assert plans["native-no-amx"].unsafe == ["AMX_INT8"]
+    assert plans["native-no-avx512"].cflags.split()[-1] == "-mno-avx512f"
+    assert plans["native-no-avx512"].unsafe == ["AMX_INT8", "AVX512"]
+    assert len({p.key({"cpu": "x"}, "gcc") for p in plans.values()}) == 4
+    # clang needs no DSE flags; a CPU without AMX or AVX-512 skips the rungs that would repeat
+    assert lb.make_plan("0.3.36", "native", [], NATIVE_X86, gcc=False).cflags == ""
+    assert lb.ladder({"__AVX2__"}) == ["native", "conservative"]
+    assert lb.make_plan("0.3.36", "native", [], {"__AVX2__"}).cflags == ""
+    monkeypatch.setattr(lb.platform, "machine", lambda: "aarch64")
+    assert lb.ladder(set()) == ["native", "conservative"]
+
+
+def test_gdb_backtraces_are_read_to_function_names():
+    bt = (
+        "Thread 3 received signal SIGSEGV, Segmentation fault.\n"
+        "#0  0x00007f1 in ggml_backend_amx_mul_mat(ggml_compute_params const*, ggml_tensor*) ()\n"
+        "   from /x/libggml-cpu.so\n"
+        "#1  ggml::cpu::amx::tensor_traits::compute_forward (this=0x1, op=0x2) at amx.cpp:12\n"
+        "#2  0x00007f3 in ggml_graph_compute_thread ()\n"
+    )
+    assert lb.parse_backtrace(bt) == [
+        "ggml_backend_amx_mul_mat(ggml_compute_params const*, ggml_tensor*)",
+        "ggml::cpu::amx::tensor_traits::compute_forward",
+        "ggml_graph_compute_thread",
+    ]
+
+
+@x86_only
+@pytest.mark.skipif(shutil.which("gdb") is None, reason="gdb gives the failing frame")
+def test_a_crashing_smoke_test_records_the_signal_and_the_failing_frame(tmp_path):
+    # A "python" that dies of SIGSEGV inside a named function, as llama.cpp's AMX kernel did.
+    src = tmp_path / "crash.c"
+    src.write_text(
+        "#include <stddef.h>\n"
+        "__attribute__((noinline)) void ggml_fake_mul_mat(volatile int *p) { *p = 1; }\n"
+        "int main(void) { ggml_fake_mul_mat(NULL); return 0; }\n"
+    )
+    exe = tmp_path / "crash"
+    assert lb.subprocess.run(["cc", "-O1", str(src), "-o", str(exe)]).returncode == 0
+    result = lb.run_smoke(str(exe), tmp_path / "model.gguf", backtrace=True)
+    assert not result.ok and result.returncode == -11
+    assert result.message.startswith("SIGSEGV (segmentation fault)")
+    assert result.frames[0] == "ggml_fake_mul_mat" and "in ggml_fake_mul_mat" in result.message
+
+
+def _fake_build(monkeypatch, tmp_path, outcomes):
+    """ensure_wheel with the compiler and CPU faked: ``outcomes`` maps (mode, extra_bufts) to
+    the smoke test's result; builds write an empty wheel file."""
+    monkeypatch.delenv("ALLINONE_LLAMA_CMAKE_ARGS", raising=False)
+    monkeypatch.delenv("ALLINONE_LLAMA_CFLAGS", raising=False)
+    monkeypatch.setattr(lb.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(lb, "probe_host", lambda cc: [])
+    monkeypatch.setattr(lb, "native_macros", lambda cc: set(NATIVE_X86))
+    monkeypatch.setattr(lb, "compiler_version", lambda cc: "cc (Debian 12.2.0-14) 12.2.0")
+    monkeypatch.setattr(
+        lb, "host_description", lambda: {"machine": "x86_64", "cpu": "t", "flags": ""}
+    )
+    built = []
+
+    def build(python, plan, out):
+        built.append(plan.mode)
+        wheel = out / "llama_cpp_python-0.3.36-cp311-cp311-linux_x86_64.whl"
+        wheel.write_bytes(b"")
+        return wheel
+
+    def smoke(python, wheel, model, unsafe, extra_bufts=True):
+        mode = next(m for m in reversed(built))
+        ok = outcomes.get((mode, extra_bufts), False)
+        if ok:
+            return lb.SmokeResult(True, 0, "AVX512 = 1", "decoded")
+        return lb.SmokeResult(False, -11, "", "SIGSEGV (segmentation fault)", ["ggml_x"])
+
+    monkeypatch.setattr(lb, "build_wheel", build)
+    monkeypatch.setattr(lb, "smoke_wheel", smoke)
+    return built
+
+
+def test_the_native_wheel_is_kept_with_extra_buffer_types_off_before_any_rebuild(
+    monkeypatch, tmp_path
+):
+    built = _fake_build(monkeypatch, tmp_path, {("native", False): True})
+    folder = lb.ensure_wheel("python", tmp_path, "0.3.36", tmp_path / "m.gguf")
+    doc = json.loads((folder / "build.json").read_text())
+    assert built == ["native"] and doc["load"] == {"use_extra_bufts": False}
+    assert [(t["mode"], t["extra_bufts"], t["ok"]) for t in doc["ladder"]] == [
+        ("native", True, False),
+        ("native", False, True),
+    ]
+    assert doc["ladder"][0]["frames"] == ["ggml_x"] and doc["ladder"][0]["returncode"] == -11
+
+
+def test_the_ladder_records_every_failed_rung_and_skips_them_next_time(monkeypatch, tmp_path):
+    built = _fake_build(monkeypatch, tmp_path, {("native-no-avx512", True): True})
+    folder = lb.ensure_wheel("python", tmp_path, "0.3.36", tmp_path / "m.gguf")
+    doc = json.loads((folder / "build.json").read_text())
+    assert built == ["native", "native-no-amx", "native-no-avx512"]
+    assert doc["plan"]["mode"] == "native-no-avx512" and doc["load"]["use_extra_bufts"]
+    assert [t["mode"] for t in doc["ladder"]] == [
+        "native",
+        "native",  # the same wheel with extra buffer types off, before a rebuild
+        "native-no-amx",
+        "native-no-avx512",
+    ]
+    # a second run reuses the kept wheel and rebuilds nothing
+    built.clear()
+    assert lb.ensure_wheel("python", tmp_path, "0.3.36", tmp_path / "m.gguf") == folder
+    assert built == []

@@ -17,6 +17,7 @@ import hashlib
 import importlib.util
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -41,6 +42,7 @@ def library_dir() -> Path | None:
 def _key(model_path: Path) -> str:
     parts: list[str] = [json.dumps(llama_build.host_description(), sort_keys=True)]
     lib = library_dir()
+    parts.append(f"extra_bufts={extra_bufts()}")
     for f in sorted(lib.iterdir()) if lib and lib.is_dir() else []:
         st = f.stat()
         parts.append(f"{f.name}:{st.st_size}:{st.st_mtime_ns}")
@@ -64,7 +66,9 @@ def check_library_runs(model_path: Path, cache_dir: Path | None) -> str:
             return json.loads(marker.read_text())["system_info"]
         except (OSError, ValueError, KeyError):
             pass
-    result = llama_build.run_smoke(sys.executable, model_path, n_prompt=CHECK_PROMPT_TOKENS)
+    result = llama_build.run_smoke(
+        sys.executable, model_path, n_prompt=CHECK_PROMPT_TOKENS, extra_bufts=extra_bufts()
+    )
     if not result.ok:
         host = llama_build.host_description()
         raise HostCheckError(
@@ -80,6 +84,17 @@ def check_library_runs(model_path: Path, cache_dir: Path | None) -> str:
         marker.parent.mkdir(parents=True, exist_ok=True)
         marker.write_text(json.dumps({"system_info": result.system_info, "model": str(model_path)}))
     return result.system_info
+
+
+def extra_bufts() -> bool:
+    """Whether models load with llama.cpp's extra buffer types (AMX, repacked weights): off
+    when the build's ladder kept the native wheel only with them off (``build.json``
+    ``load.use_extra_bufts``), or when ``ALLINONE_LLAMA_EXTRA_BUFTS=0``."""
+    env = os.environ.get("ALLINONE_LLAMA_EXTRA_BUFTS")
+    if env is not None:
+        return env.strip().lower() not in ("0", "false", "no", "off")
+    record = build_record() or {}
+    return bool(record.get("load", {}).get("use_extra_bufts", True))
 
 
 def build_record() -> dict | None:

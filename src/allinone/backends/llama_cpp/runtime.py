@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from allinone.backends import host_check
+
 log = logging.getLogger(__name__)
 
 
@@ -69,6 +71,8 @@ class LlamaRuntime:
         self.lib = lib = _llama()
         lib.llama_backend_init()
         mparams = lib.llama_model_default_params()
+        # off where this host's build ran only without AMX / repacked weights (llama_build)
+        mparams.use_extra_bufts = host_check.extra_bufts()
         self.model = lib.llama_model_load_from_file(str(path).encode(), mparams)
         if not self.model:
             raise LlamaRuntimeError(f"llama.cpp could not load {path} (not a supported GGUF?)")
