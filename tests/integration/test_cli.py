@@ -46,7 +46,7 @@ def test_decide_answers_a_task_and_ad_hoc_questions(tmp_path):
     r = run("decide", "--task", "ticket-triage", "I was charged twice. Fix it today!")
     assert r.returncode == 0, r.stderr
     names = [line.split(":")[0] for line in r.stdout.splitlines()]
-    assert names == ["urgency", "department", "abusive"]
+    assert names == ["urgency", "department", "emotion", "abusive"]
     qfile = tmp_path / "q.toml"
     qfile.write_text(
         '[[questions]]\nname = "lang"\ntype = "choice"\ninstructions = "Which language?"\n'

@@ -243,12 +243,15 @@ def test_a_decision_among_running_chats_gets_the_same_answer(server, oai):
         for t in threads:
             t.join()
     # Batch composition moves the last bits of the logits (README, Limits): probabilities agree
-    # within 0.05 and the chosen answers are the same.
+    # within 0.05, so the chosen answers are the same wherever the top option leads by more
+    # than twice that (a near-tie may go either way).
     for a, b in zip(alone.answers, busy.answers, strict=True):
         pa = [getattr(p, "probability", None) for p in getattr(a, "probabilities", [a])]
         pb = [getattr(p, "probability", None) for p in getattr(b, "probabilities", [b])]
         assert all(abs(x - y) < 0.05 for x, y in zip(pa, pb, strict=True)), (a, b)
-        assert getattr(a, "choice", None) == getattr(b, "choice", None)
+        ranked = sorted(pa, reverse=True)
+        if len(ranked) > 1 and ranked[0] - ranked[1] > 0.1:
+            assert getattr(a, "choice", None) == getattr(b, "choice", None)
 
 
 # -- bad requests ---------------------------------------------------------------------------
@@ -459,8 +462,8 @@ def test_a_decide_task_answers_its_named_questions_in_one_request(server):
     r = _post(server, "/v1/decide", body)
     assert r.status_code == 200, r.text
     answers = r.json()["answers"]
-    assert list(answers) == ["urgency", "department", "abusive"]
-    assert answers["department"]["choice"] in ("billing", "shipping", "technical support", "sales")
+    assert list(answers) == ["urgency", "department", "emotion", "abusive"]
+    assert answers["department"]["choice"] in ("fees and exchange rates", "payments")
     assert answers["urgency"]["type"] == "score" and 0 <= answers["urgency"]["score"] <= 3
     # a decide task is no chat model, and a classify task is no decide task
     chat = {"model": "ticket-triage", "messages": [{"role": "user", "content": "hi"}]}

@@ -15,12 +15,12 @@ const I18N = {
     clear: "New chat", text: "Text", memory_mb: "Memory (MB), last hour",
     load: "Queue and active sequences", rates: "Generated tokens/s and requests/s",
     latency: "latency", server_ms: "server", round_trip: "round trip", tokens: "tokens",
-    stopped: "stopped", finish: "finish", yes: "yes", loading: "loading the model…",
+    stopped: "stopped", finish: "finish", yes: "yes", no: "no", loading: "loading the model…",
     ready: "ready", not_ready: "not ready", unreachable: "server unreachable",
     rss: "RSS", anon: "RssAnon + swap", queue: "queue", active: "active",
     tok_s: "tokens/s", req_s: "requests/s", status: "status", no_tasks: "(no task of this kind)",
     model_itself: "the model itself", q_complaint: "Is the text a complaint?",
-    q_topic: "What is it about?", q_topic_options: "delivery, price, quality, service",
+    q_topic: "What is the complaint about?", q_topic_options: "delivery, payment, product, staff",
     sample_text: "The parcel came two weeks late and the box was crushed.",
   },
   zh: {
@@ -34,12 +34,12 @@ const I18N = {
     clear: "新对话", text: "文本", memory_mb: "内存（MB），最近一小时",
     load: "队列与活动序列", rates: "每秒生成词元与每秒请求",
     latency: "延迟", server_ms: "服务器", round_trip: "往返", tokens: "词元",
-    stopped: "已停止", finish: "结束原因", yes: "是", loading: "正在加载模型…",
+    stopped: "已停止", finish: "结束原因", yes: "是", no: "否", loading: "正在加载模型…",
     ready: "就绪", not_ready: "未就绪", unreachable: "无法连接服务器",
     rss: "常驻内存", anon: "匿名内存 + 交换", queue: "队列", active: "活动",
     tok_s: "词元/秒", req_s: "请求/秒", status: "状态", no_tasks: "（没有此类任务）",
     model_itself: "模型本身", q_complaint: "这段文字是投诉吗？",
-    q_topic: "它是关于什么的？", q_topic_options: "物流, 价格, 质量, 服务",
+    q_topic: "投诉的是什么？", q_topic_options: "物流, 付款, 商品, 员工",
     sample_text: "快递晚到了两周，箱子也压坏了。",
   },
 };
@@ -276,9 +276,11 @@ $("#decide-form").addEventListener("submit", async (ev) => {
     $("#decide-results").replaceChildren(...res.answers.map((a, i) => {
       const head = el("p", { className: "result-text", textContent: questions[i].instructions });
       if (a.type === "predicate") {
+        // the answer the probability points to, with both outcomes' bars (P(no) = 1 - P(yes))
+        const answer = a.probability >= 0.5 ? t("yes") : t("no");
         return el("div", { className: "result" }, head,
-          el("p", { className: "label", textContent: `${t("yes")}: ${a.probability.toFixed(3)}` }),
-          bars([[t("yes"), a.probability]], a.probability >= 0.5 ? t("yes") : ""));
+          el("p", { className: "label", textContent: answer }),
+          bars([[t("yes"), a.probability], [t("no"), 1 - a.probability]], answer));
       }
       return el("div", { className: "result" }, head,
         el("p", { className: "label", textContent: String(a.choice) }),
