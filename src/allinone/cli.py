@@ -404,10 +404,17 @@ def _decision_eval(args: argparse.Namespace) -> int:
                 gold = [v.strip() for v in (args.true or "").split(",") if v.strip()]
                 if not gold:
                     raise SystemExit("error: a predicate needs --true LABEL[,LABEL]")
+                if args.options:
+                    raise SystemExit(
+                        "error: --options is for choices and scores; a predicate "
+                        "takes --true LABEL[,LABEL]"
+                    )
             else:
                 gold = list(tq.choices if q.kind == "choice" else tq.levels)
                 if args.options:  # the set's own label for each option, in order
                     gold = parse_options(args.options)[0]
+                    if len(set(gold)) != len(gold):
+                        raise SystemExit("error: --options: each option needs its own label")
                     if len(gold) != len(q.options):
                         raise SystemExit(
                             f"error: --options: {len(q.options)} labels, one per option of "
@@ -742,7 +749,6 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def _plan_from_args(args: argparse.Namespace) -> dict:
-    from allinone.cpu_budget import cpu_budget
     from allinone.planner.plan import PlanRequest, make_plan
 
     if getattr(args, "plan", None):
@@ -757,8 +763,9 @@ def _plan_from_args(args: argparse.Namespace) -> dict:
             devices=args.devices,
             instances=args.instances,
             headroom=args.headroom,
-            # the server's own default: this host's CPU budget (affinity mask, cgroup quota)
-            threads=args.threads or cpu_budget().count,
+            # the target's threads, not this machine's: deploy files set the container's CPU
+            # limit to the same number, and the server's own count (cpu_budget) agrees with it
+            threads=args.threads or 2,
         )
     )
 
@@ -962,7 +969,7 @@ def build_parser() -> argparse.ArgumentParser:
     shape.add_argument(
         "--threads",
         type=int,
-        help="CPU threads per instance (default: this host's CPU budget, as the server counts it)",
+        help="CPU threads per instance (2); deploy files give each instance that many CPUs",
     )
 
     pl = sub.add_parser("plan", parents=[shape], help="memory and limits for a model deployment")

@@ -408,7 +408,7 @@ class QuestionPriors:
         return win
 
     def seeded(self, key: str) -> bool:
-        """Whether the question has its content-free prior (or no longer needs one)."""
+        """Whether the question's content-free prior was read (``seed``)."""
         with self._lock:
             win = self._store.get(key)
             return win is not None and win.seed is not None
@@ -525,6 +525,10 @@ class Opposites:
         )
         kept = line if ok and len(line) <= 4 * len(instructions) + 40 else None
         with self._lock:
+            # the first answer stays: requests that wrote it concurrently (batching may move
+            # greedy tokens) must all read the same plan, whose prior is kept under its text
+            if instructions in self._store:
+                kept = self._store[instructions]
             self._store[instructions] = kept
             self._store.move_to_end(instructions)
             while len(self._store) > self.max_questions:
@@ -629,7 +633,7 @@ class Answer:
     label_mass: float
     calibrated: bool = False
     strategy: str = "codes"
-    prior_inputs: int = 0  # inputs the running prior averaged (0: none applied)
+    prior_inputs: int = 0  # inputs the running prior averaged (0: none, or the content-free one)
 
     @property
     def top(self) -> int:
@@ -861,8 +865,14 @@ class DecisionService:
             self._keep_opposite(text, handle.result())
         unseeded = self._unseeded(questions)
         if unseeded:
-            jobs = [self.submit(t, unseeded) for t in CONTENT_FREE_INPUTS]
-            self._seed(jobs, [job.handle.result() for job in jobs])
+            jobs: list[DecisionJob] = []
+            try:
+                for t in CONTENT_FREE_INPUTS:
+                    jobs.append(self.submit(t, unseeded))
+                self._seed(jobs, [job.handle.result() for job in jobs])
+            finally:
+                for job in jobs:
+                    job.handle.cancel()  # no-op once finished
 
     async def prepare_async(self, questions: list[Question]) -> None:
         """``prepare`` for the server: the generations are cancelled if the caller goes away."""
@@ -875,8 +885,10 @@ class DecisionService:
                 handle.cancel()
         unseeded = self._unseeded(questions)
         if unseeded:
-            jobs = [self.submit(t, unseeded) for t in CONTENT_FREE_INPUTS]
+            jobs: list[DecisionJob] = []
             try:
+                for t in CONTENT_FREE_INPUTS:
+                    jobs.append(self.submit(t, unseeded))
                 self._seed(jobs, [await job.handle.result_async() for job in jobs])
             finally:
                 for job in jobs:

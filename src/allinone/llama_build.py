@@ -331,15 +331,16 @@ class BuildPlan:
         return f"{self.version}-{self.mode}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
 
 
-def ladder(macros: set[str]) -> list[str]:
+def ladder(macros: set[str] | None) -> list[str]:
     """The rungs worth building here: a rung that would build the same as the one above it
-    (native enables no AMX, no AVX-512) is left out; off x86 only native and conservative."""
+    (native enables no AMX, no AVX-512) is left out; off x86 only native and conservative.
+    ``macros``: what ``-march=native`` defines (None: unknown, every rung is kept)."""
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return ["native", "conservative"]
     out = ["native"]
-    if not macros or "__AMX_TILE__" in macros:
+    if macros is None or "__AMX_TILE__" in macros:
         out.append("native-no-amx")
-    if not macros or "__AVX512F__" in macros:
+    if macros is None or "__AVX512F__" in macros:
         out.append("native-no-avx512")
     return [*out, "conservative"]
 
@@ -612,12 +613,15 @@ def _try(plan: BuildPlan, smoke: SmokeResult, extra_bufts: bool = True) -> dict:
     }
 
 
-def _amx_in(plan: BuildPlan, macros: set[str]) -> bool:
-    """Whether the plan's library has AMX kernels (the extra buffer types that may fail)."""
+def _amx_in(plan: BuildPlan, macros: set[str] | None) -> bool:
+    """Whether the plan's library may have AMX kernels (x86, native, AMX not switched off,
+    and ``-march=native`` enables it or is unknown): then extra buffer types are worth a try
+    without them before a rebuild."""
     return (
-        plan.mode.startswith("native")
+        platform.machine().lower() in ("x86_64", "amd64")
+        and plan.mode.startswith("native")
         and "-mno-amx-tile" not in plan.cflags.split()
-        and (not macros or "__AMX_TILE__" in macros)
+        and (macros is None or "__AMX_TILE__" in macros)
     )
 
 
@@ -634,7 +638,8 @@ def ensure_wheel(python: str, wheelhouse: Path, version: str, model: Path) -> Pa
     cc_version = compiler_version(cc)
     gcc = "clang" not in cc_version.lower()
     probes = probe_host(cc)
-    macros = native_macros(cc) if platform.machine().lower() in ("x86_64", "amd64") else set()
+    x86 = platform.machine().lower() in ("x86_64", "amd64")
+    macros: set[str] | None = (native_macros(cc) or None) if x86 else set()
     for r in probes:
         if r.status != "skipped":
             _log(f"probe {r.name}: {r.status} ({r.detail})")
@@ -654,7 +659,16 @@ def ensure_wheel(python: str, wheelhouse: Path, version: str, model: Path) -> Pa
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix="allinone-wheel-", dir=wheelhouse) as tmp:
             t0 = time.monotonic()
-            wheel = build_wheel(python, plan, Path(tmp))
+            try:
+                wheel = build_wheel(python, plan, Path(tmp))
+            except (subprocess.CalledProcessError, RuntimeError) as exc:
+                # a rung the compiler cannot build is a failed rung, not the end of the ladder
+                # (not remembered: the next run tries it again)
+                _log(f"the {plan.mode} build failed: {exc}")
+                tries.append(_try(plan, SmokeResult(False, -1, "", f"build failed: {exc}")))
+                if plan.mode == "override":
+                    break
+                continue
             seconds = time.monotonic() - t0
             smoke = smoke_wheel(python, wheel, model, plan.unsafe)
             mine = [_try(plan, smoke)]
@@ -709,8 +723,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--probe-only", action="store_true", help="print the probes and the plan")
     args = ap.parse_args(argv)
     if args.probe_only:
-        probes = probe_host(compiler())
-        plan = make_plan(args.version, "native", probes)
+        cc = compiler()
+        probes = probe_host(cc)
+        x86 = platform.machine().lower() in ("x86_64", "amd64")
+        macros = (native_macros(cc) or None) if x86 else set()
+        gcc = "clang" not in compiler_version(cc).lower()
+        plan = make_plan(args.version, "native", probes, macros, gcc)
         print(json.dumps(asdict(plan), indent=2))
         return 0
     try:

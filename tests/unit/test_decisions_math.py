@@ -324,6 +324,8 @@ def test_contrast_reads_the_opposite_with_yes_counting_for_false():
     assert read_answer(q, st, [only], [v1]).strategy == "codes"
     ops = Opposites(max_questions=10)
     assert ops.put("Is it good?", " Is it bad?\nmore") == "Is it bad?"
+    # the first opposite stays (concurrent writers must all read the same plan)
+    assert ops.put("Is it good?", "Is it poor?") == "Is it bad?" == ops.get("Is it good?")
     assert ops.put("Does it mention X?", "does it mention x") is None  # a repeat is no opposite
     assert ops.known("Does it mention X?") and ops.get("Does it mention X?") is None
     assert ops.put("The writer is satisfied.", "Is the writer satisfied?") is None  # reordered

@@ -180,8 +180,18 @@ def test_gdb_backtraces_are_read_to_function_names():
     ]
 
 
+def _gdb_can_trace() -> bool:
+    """gdb is installed and may trace a child here (some containers forbid ptrace)."""
+    if shutil.which("gdb") is None:
+        return False
+    ran = lb.subprocess.run(
+        ["gdb", "-batch", "-nx", "-ex", "run", "--args", "true"], capture_output=True, text=True
+    )
+    return "exited normally" in ran.stdout
+
+
 @x86_only
-@pytest.mark.skipif(shutil.which("gdb") is None, reason="gdb gives the failing frame")
+@pytest.mark.skipif(not _gdb_can_trace(), reason="gdb (allowed to trace) gives the frame")
 def test_a_crashing_smoke_test_records_the_signal_and_the_failing_frame(tmp_path):
     # A "python" that dies of SIGSEGV inside a named function, as llama.cpp's AMX kernel did.
     src = tmp_path / "crash.c"
@@ -214,6 +224,8 @@ def _fake_build(monkeypatch, tmp_path, outcomes):
 
     def build(python, plan, out):
         built.append(plan.mode)
+        if outcomes.get((plan.mode, "build")) is False:
+            raise lb.subprocess.CalledProcessError(1, ["pip", "wheel"])
         wheel = out / "llama_cpp_python-0.3.36-cp311-cp311-linux_x86_64.whl"
         wheel.write_bytes(b"")
         return wheel
@@ -260,3 +272,13 @@ def test_the_ladder_records_every_failed_rung_and_skips_them_next_time(monkeypat
     built.clear()
     assert lb.ensure_wheel("python", tmp_path, "0.3.36", tmp_path / "m.gguf") == folder
     assert built == []
+
+
+def test_a_rung_that_does_not_compile_is_a_failed_rung_not_the_end(monkeypatch, tmp_path):
+    built = _fake_build(
+        monkeypatch, tmp_path, {("native", "build"): False, ("native-no-amx", True): True}
+    )
+    folder = lb.ensure_wheel("python", tmp_path, "0.3.36", tmp_path / "m.gguf")
+    doc = json.loads((folder / "build.json").read_text())
+    assert built == ["native", "native-no-amx"] and doc["plan"]["mode"] == "native-no-amx"
+    assert doc["ladder"][0]["mode"] == "native" and "build failed" in doc["ladder"][0]["message"]
