@@ -650,9 +650,11 @@ def cmd_doctor(args: argparse.Namespace) -> int:
             print(f"  tried:    {t['mode']}{how}: {verdict}")
     else:
         print("built:      no build record (not installed by this project's Makefile)")
+    why = (record.get("load") or {}).get("why")
     print(
         "loads with: llama.cpp's extra buffer types (AMX, repacked weights) "
         + ("on" if report["extra_buffer_types"] else "OFF")
+        + (f" ({why})" if why and not report["extra_buffer_types"] else "")
     )
     if "check" in report:
         print(f"check:      {report['check']}")

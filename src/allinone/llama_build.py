@@ -625,6 +625,27 @@ def _amx_in(plan: BuildPlan, macros: set[str] | None) -> bool:
     )
 
 
+# Why models load without extra buffer types from a library with AMX kernels, even where they
+# run: its AMX/repacked matrix kernels round differently by batch shape, so a conversation
+# restored from the prompt cache continues differently from the same conversation evaluated
+# fresh (the engine tests' greedy replies), and the repacked copies add ~70-140 MiB that the
+# memory planner does not predict; off costs <= 6 % of prompt speed here (docs/amx-sigill.md).
+_AMX_LOAD_WHY = (
+    "AMX kernels: answers would depend on batch shape and the repacked weights add memory; "
+    "ALLINONE_LLAMA_EXTRA_BUFTS=1 turns them on"
+)
+
+
+def load_options(plan: BuildPlan, macros: set[str] | None, smoke_ok_with_extra: bool) -> dict:
+    """How the server loads models with this build: ``use_extra_bufts`` False where the
+    library has AMX kernels (``_AMX_LOAD_WHY``) or only ran with them off, with ``why``."""
+    if not smoke_ok_with_extra:
+        return {"use_extra_bufts": False, "why": "the smoke decode failed with them on"}
+    if _amx_in(plan, macros):
+        return {"use_extra_bufts": False, "why": _AMX_LOAD_WHY}
+    return {"use_extra_bufts": True}
+
+
 def ensure_wheel(python: str, wheelhouse: Path, version: str, model: Path) -> Path:
     """The folder holding a llama-cpp-python wheel proven to run on this host (built if needed).
 
@@ -651,6 +672,13 @@ def ensure_wheel(python: str, wheelhouse: Path, version: str, model: Path) -> Pa
         if record.exists():
             doc = json.loads(record.read_text())
             if doc.get("smoke", {}).get("ok") and _wheel_in(folder):
+                ran_with_extra = doc.get("load", {}).get("use_extra_bufts", True) or any(
+                    t.get("ok") and t.get("extra_bufts") for t in doc.get("tries", [])
+                )
+                load = load_options(plan, macros, ran_with_extra)
+                if doc.get("load") != load:  # a record from before this rule: bring it up
+                    doc["load"] = load
+                    record.write_text(json.dumps(doc, indent=2) + "\n")
                 return folder
             if not doc.get("smoke", {}).get("ok"):
                 tries.extend(doc.get("tries") or [_try(plan, SmokeResult(**doc["smoke"]))])
@@ -689,7 +717,7 @@ def ensure_wheel(python: str, wheelhouse: Path, version: str, model: Path) -> Pa
                 "compiler": cc_version,
                 "build_seconds": round(seconds),
                 "smoke": asdict(smoke),
-                "load": {"use_extra_bufts": extra_bufts},
+                "load": load_options(plan, macros, extra_bufts),
                 "tries": mine,
                 "ladder": tries,
                 "wheel": wheel.name,

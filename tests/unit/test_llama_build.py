@@ -248,7 +248,7 @@ def test_the_native_wheel_is_kept_with_extra_buffer_types_off_before_any_rebuild
     built = _fake_build(monkeypatch, tmp_path, {("native", False): True})
     folder = lb.ensure_wheel("python", tmp_path, "0.3.36", tmp_path / "m.gguf")
     doc = json.loads((folder / "build.json").read_text())
-    assert built == ["native"] and doc["load"] == {"use_extra_bufts": False}
+    assert built == ["native"] and doc["load"]["use_extra_bufts"] is False
     assert [(t["mode"], t["extra_bufts"], t["ok"]) for t in doc["ladder"]] == [
         ("native", True, False),
         ("native", False, True),
@@ -282,3 +282,20 @@ def test_a_rung_that_does_not_compile_is_a_failed_rung_not_the_end(monkeypatch, 
     doc = json.loads((folder / "build.json").read_text())
     assert built == ["native", "native-no-amx"] and doc["plan"]["mode"] == "native-no-amx"
     assert doc["ladder"][0]["mode"] == "native" and "build failed" in doc["ladder"][0]["message"]
+
+
+def test_a_library_with_amx_kernels_loads_without_extra_buffer_types(monkeypatch, tmp_path):
+    # AMX's kernels round by batch shape (a restored conversation would continue differently
+    # from a fresh one) and its repacked copies add memory: off even where they run
+    built = _fake_build(monkeypatch, tmp_path, {("native", True): True})
+    folder = lb.ensure_wheel("python", tmp_path, "0.3.36", tmp_path / "m.gguf")
+    record = folder / "build.json"
+    doc = json.loads(record.read_text())
+    assert built == ["native"] and doc["load"]["use_extra_bufts"] is False
+    assert "AMX" in doc["load"]["why"]
+    # a record written before this rule is brought up to it, without a rebuild
+    doc["load"] = {"use_extra_bufts": True}
+    record.write_text(json.dumps(doc))
+    assert lb.ensure_wheel("python", tmp_path, "0.3.36", tmp_path / "m.gguf") == folder
+    assert json.loads(record.read_text())["load"]["use_extra_bufts"] is False
+    assert built == ["native"]
