@@ -53,6 +53,7 @@ Measured figures per strategy and model: docs/decision-accuracy.md.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -60,7 +61,7 @@ import string
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -865,14 +866,8 @@ class DecisionService:
             self._keep_opposite(text, handle.result())
         unseeded = self._unseeded(questions)
         if unseeded:
-            jobs: list[DecisionJob] = []
-            try:
-                for t in CONTENT_FREE_INPUTS:
-                    jobs.append(self.submit(t, unseeded))
+            with self._content_free(unseeded) as jobs:
                 self._seed(jobs, [job.handle.result() for job in jobs])
-            finally:
-                for job in jobs:
-                    job.handle.cancel()  # no-op once finished
 
     async def prepare_async(self, questions: list[Question]) -> None:
         """``prepare`` for the server: the generations are cancelled if the caller goes away."""
@@ -885,14 +880,21 @@ class DecisionService:
                 handle.cancel()
         unseeded = self._unseeded(questions)
         if unseeded:
-            jobs: list[DecisionJob] = []
-            try:
-                for t in CONTENT_FREE_INPUTS:
-                    jobs.append(self.submit(t, unseeded))
+            with self._content_free(unseeded) as jobs:
                 self._seed(jobs, [await job.handle.result_async() for job in jobs])
-            finally:
-                for job in jobs:
-                    job.handle.cancel()
+
+    @contextlib.contextmanager
+    def _content_free(self, questions: list[Question]) -> Iterator[list[DecisionJob]]:
+        """The questions read on each of ``CONTENT_FREE_INPUTS`` (one job each); whatever is
+        still queued or running is cancelled on the way out, error or not."""
+        jobs: list[DecisionJob] = []
+        try:
+            for text in CONTENT_FREE_INPUTS:
+                jobs.append(self.submit(text, questions))
+            yield jobs
+        finally:
+            for job in jobs:
+                job.handle.cancel()  # no-op once finished
 
     def _unseeded(self, questions: list[Question]) -> list[Question]:
         """The ``+prior`` questions (one per prior key) whose content-free prior is not read."""
