@@ -463,7 +463,16 @@ def test_a_decide_task_answers_its_named_questions_in_one_request(server):
     assert r.status_code == 200, r.text
     answers = r.json()["answers"]
     assert list(answers) == ["urgency", "department", "emotion", "abusive"]
-    assert answers["department"]["choice"] in ("fees and exchange rates", "payments")
+    # which department is measured on labelled sets (docs/decision-accuracy.md), not here
+    assert answers["department"]["choice"] in (
+        "account",
+        "cards",
+        "fees and exchange rates",
+        "payments",
+        "security",
+        "top up",
+        "transfers",
+    )
     assert answers["urgency"]["type"] == "score" and 0 <= answers["urgency"]["score"] <= 3
     # a decide task is no chat model, and a classify task is no decide task
     chat = {"model": "ticket-triage", "messages": [{"role": "user", "content": "hi"}]}
