@@ -914,12 +914,8 @@ class DecisionService:
         inputs (``QuestionPriors.seed``)."""
         per_question: list[list[list[float]]] = [[] for _ in jobs[0].questions]
         for job, fin in zip(jobs, finished, strict=True):
-            per_branch = list(fin.result)
-            at = 0
-            for i, (q, rds) in enumerate(zip(job.questions, job.plan, strict=True)):
-                lp, _ = combine_views(q, rds, per_branch[at : at + len(rds)])
-                at += len(rds)
-                per_question[i].append(lp)
+            for i, (q, rds, lps) in enumerate(_per_question(job, fin)):
+                per_question[i].append(combine_views(q, rds, lps)[0])
         priors = self.service.decision_priors
         for q, rds, lps in zip(jobs[0].questions, jobs[0].plan, per_question, strict=True):
             priors.seed(prior_key(self.strategy_for(q), q, rds), lps)
@@ -989,13 +985,9 @@ class DecisionService:
     def result(self, job: DecisionJob, finished: Finished) -> DecisionResult:
         """Answers from the engine's per-branch label log-probabilities."""
         answers = []
-        per_branch = list(finished.result)
-        at = 0
         priors = getattr(self.service, "decision_priors", None)
-        for i, (q, rds) in enumerate(zip(job.questions, job.plan, strict=True)):
+        for i, (q, rds, lps) in enumerate(_per_question(job, finished)):
             cal = self._calibration(q, i) if q.calibration is not None else None
-            lps = per_branch[at : at + len(rds)]
-            at += len(rds)
             st = self.strategy_for(q)
             answers.append(read_answer(q, st, rds, lps, cal, priors, job.input_key))
         return DecisionResult(
@@ -1019,6 +1011,17 @@ class DecisionService:
             return self.result(job, await job.handle.result_async())
         finally:
             job.handle.cancel()  # no-op once finished
+
+
+def _per_question(job: DecisionJob, finished: Finished) -> list[tuple[Question, list, list]]:
+    """(question, its readings, their label log-probabilities) per question of ``job``: the
+    engine's per-branch results cut along the job's plan."""
+    per_branch = list(finished.result)
+    out, at = [], 0
+    for q, rds in zip(job.questions, job.plan, strict=True):
+        out.append((q, rds, per_branch[at : at + len(rds)]))
+        at += len(rds)
+    return out
 
 
 def _split_user_content(

@@ -616,7 +616,7 @@ def _try(plan: BuildPlan, smoke: SmokeResult, extra_bufts: bool = True) -> dict:
 def _amx_in(plan: BuildPlan, macros: set[str] | None) -> bool:
     """Whether the plan's library may have AMX kernels (x86, native, AMX not switched off,
     and ``-march=native`` enables it or is unknown): then extra buffer types are worth a try
-    without them before a rebuild."""
+    without them before a rebuild, and models load without them (``load_options``)."""
     return (
         platform.machine().lower() in ("x86_64", "amd64")
         and plan.mode.startswith("native")
@@ -672,10 +672,9 @@ def ensure_wheel(python: str, wheelhouse: Path, version: str, model: Path) -> Pa
         if record.exists():
             doc = json.loads(record.read_text())
             if doc.get("smoke", {}).get("ok") and _wheel_in(folder):
-                ran_with_extra = doc.get("load", {}).get("use_extra_bufts", True) or any(
-                    t.get("ok") and t.get("extra_bufts") for t in doc.get("tries", [])
-                )
-                load = load_options(plan, macros, ran_with_extra)
+                # the passing try is the rung's last (older records have none: extra on)
+                passed = (doc.get("tries") or [{}])[-1]
+                load = load_options(plan, macros, passed.get("extra_bufts", True))
                 if doc.get("load") != load:  # a record from before this rule: bring it up
                     doc["load"] = load
                     record.write_text(json.dumps(doc, indent=2) + "\n")
