@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 from allinone.decisions import Answer, DecisionService, Option, Question, Strategy, predicate
 from allinone.evaluation import percentile, score_predictions
-from allinone.tasks import TaskError
+from allinone.serving.errors import InputError
 
 
 def parse_options(spec: str) -> tuple[list[str], list[str]]:
@@ -35,7 +35,7 @@ def parse_options(spec: str) -> tuple[list[str], list[str]]:
     for item in spec.split(","):
         label, _, text = item.partition("=")
         if not label.strip():
-            raise TaskError(f"empty option in {spec!r}")
+            raise InputError(f"empty option in {spec!r}")
         labels.append(label.strip())
         texts.append((text or label).strip())
     return labels, texts
@@ -154,7 +154,7 @@ def evaluate_decision(
     """Ask ``q`` about every row's text and score the answers against its label.
 
     ``gold_labels``: a predicate's true labels (any other label is false), or per option the
-    label that means it (choice, score). Raises TaskError for a row whose label is unknown."""
+    label that means it (choice, score). Raises InputError for a row whose label is unknown."""
     service = DecisionService(tasks_service, strategy)
     texts = [t for _, t in rows]
     if q.kind == "predicate":
@@ -164,7 +164,7 @@ def evaluate_decision(
         names = list(gold_labels)
         unknown = sorted({lab for lab, _ in rows} - set(gold_labels))
         if unknown:
-            raise TaskError(f"labels {unknown} in {file} are not options ({gold_labels})")
+            raise InputError(f"labels {unknown} in {file} are not options ({gold_labels})")
         gold = [gold_labels.index(lab) for lab, _ in rows]
     bar = None
     if progress:

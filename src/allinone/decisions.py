@@ -74,6 +74,7 @@ from allinone.backends.base import (
     ScoreBranch,
     Segment,
 )
+from allinone.serving.errors import InputError
 
 QuestionKind = Literal["predicate", "choice", "score"]
 
@@ -111,15 +112,8 @@ PRIOR_QUESTIONS = 1024  # questions whose priors are kept (least recently used d
 # Content-free inputs (contextual calibration, Zhao et al. 2021, "Calibrate Before Use"): the
 # question read on these, once, gives its prior until PRIOR_MIN_INPUTS real inputs were seen.
 CONTENT_FREE_INPUTS = ("N/A", "", "[MASK]")
-
-
-class DecisionError(ValueError):
-    """A question the server cannot ask; ``param`` is the request field at fault (a path such
-    as ``questions[2].choices``, written by the route)."""
-
-    def __init__(self, message: str, param: str | None = None) -> None:
-        super().__init__(message)
-        self.param = param
+# DecisionError: the name the CLI still imports (the same class as InputError).
+DecisionError = InputError
 
 
 def compact_json(value: object) -> str:
@@ -148,11 +142,11 @@ class Strategy:
 
     @classmethod
     def parse(cls, name: str) -> Strategy:
-        """``"cloze+prior"`` -> Strategy. Raises DecisionError (param ``x_strategy``) naming
+        """``"cloze+prior"`` -> Strategy. Raises InputError (param ``x_strategy``) naming
         the unknown part."""
         parts = [p.strip() for p in name.split("+")]
         if parts[0] not in READINGS:
-            raise DecisionError(
+            raise InputError(
                 f"unknown strategy {name!r}: it starts with a reading, one of "
                 f"{', '.join(READINGS)}, then optional +{' +'.join(MODIFIERS)}",
                 param="x_strategy",
@@ -160,7 +154,7 @@ class Strategy:
         mods = parts[1:]
         for m in mods:
             if m not in MODIFIERS or mods.count(m) > 1:
-                raise DecisionError(
+                raise InputError(
                     f"unknown or repeated strategy part {m!r} in {name!r}; the parts after the "
                     f"reading are +{' +'.join(MODIFIERS)}, each at most once",
                     param="x_strategy",
@@ -230,7 +224,7 @@ def option_codes(n: int) -> list[str]:
     if n <= MAX_LETTER_OPTIONS:
         return list(letters[:n])
     if n > MAX_OPTIONS:
-        raise DecisionError(f"at most {MAX_OPTIONS} options can be coded")
+        raise InputError(f"at most {MAX_OPTIONS} options can be coded")
     return [a + b for a in letters for b in letters][:n]
 
 
@@ -818,7 +812,7 @@ class DecisionService:
             if not whole:  # the cloze reading needs whole answers scored over the vocabulary
                 strategy = Strategy("codes", strategy.permuted, strategy.prior, strategy.contrast)
         elif strategy.reading == "cloze" and not whole:
-            raise DecisionError(
+            raise InputError(
                 f"the {tasks_service.backend.name} engine cannot score whole answers over the "
                 "vocabulary, which the cloze reading needs; use a codes strategy",
                 param="x_strategy",
@@ -968,14 +962,14 @@ class DecisionService:
         cal = self.service.calibrations.get(q.calibration)
         if cal is None:
             known = ", ".join(sorted(self.service.calibrations)) or "none"
-            raise DecisionError(
+            raise InputError(
                 f"no stored calibration for task {q.calibration!r} on this model "
                 f"(calibrated tasks: {known}; fit one with `allinone eval --calibrate`)",
                 param=f"questions[{index}]",
             )
         task = self.service.tasks.get(q.calibration)
         if [o.text for o in q.options] != list(task.labels):
-            raise DecisionError(
+            raise InputError(
                 f"calibration {q.calibration!r} is for the options {task.labels}; this "
                 "question's options must be the same, in the same order",
                 param=f"questions[{index}]",
@@ -1034,4 +1028,4 @@ def _split_user_content(
             before = Segment(seg.text[:at], special=False)
             after = Segment(seg.text[at:], special=False)
             return (*body[:k], before), (after, *body[k + 1 :])
-    raise DecisionError("the chat template dropped the user message")  # pragma: no cover
+    raise InputError("the chat template dropped the user message")  # pragma: no cover

@@ -1,12 +1,10 @@
-"""The exception tree and the one error envelope every failure is answered with.
+"""The exception tree, and how any exception maps to the error a client sees.
 
-Every error body is ``{"error": {"message", "type", "param", "code"}}`` (OpenAI's shape), also
-for validation errors and unknown routes, except on TypeSafe's ``/v1/systemone``, which answers
-in TypeSafe's shapes: validation errors 422 with FastAPI's ``{"detail": [...]}``, others
-``{"detail": {"error_type", "message"}}``. Errors a retry cannot fix (4xx but 408/409/429)
-carry ``x-should-retry: false``, which the openai SDK obeys. Errors map to statuses by exception
-type, never by message text; unexpected exceptions become a generic 500 and their details go to
-the log.
+Errors map to statuses by exception type, never by message text: ``InputError`` (the caller's
+to fix) is 400 naming its field (404 when it names something that does not exist), engine
+overload 503 with Retry-After, a dead engine 503, a remote engine's failure 502/504;
+unexpected exceptions become a generic 500 and their details go to the log. The body's shape
+is the API family's own (``allinone.api.dialects``); OpenAI's envelope is the default.
 """
 
 from __future__ import annotations
@@ -15,21 +13,18 @@ import logging
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from allinone.backends.base import (
     BackendError,
     EngineDeadError,
     EngineOverloadedError,
-    ParamError,
-    PromptTooLongError,
     UpstreamError,
     UpstreamTimeoutError,
 )
-from allinone.tasks import TaskError
+from allinone.serving.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -124,52 +119,38 @@ class ShuttingDownError(NotReadyError):
 
 
 def envelope(message: str, type_: str, code: str, param: str | None = None) -> dict[str, Any]:
-    """The one error body."""
+    """OpenAI's error body."""
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
-def is_systemone(path: str) -> bool:
-    """True for TypeSafe's route, whose errors have TypeSafe's shapes."""
-    return path.rstrip("/") == "/v1/systemone"
-
-
-def error_response(exc: APIError, path: str = "") -> JSONResponse:
-    """An APIError as a JSON response (``path``: the request's, which picks the body shape)."""
+def retry_headers(exc: APIError) -> dict[str, str]:
+    """An error's headers: its own, ``nosniff``, and ``x-should-retry: false`` for errors a
+    retry cannot fix (4xx but 408/409/429), which the openai and anthropic SDKs obey."""
     headers = dict(exc.headers)
     # Also set by the outermost middleware; here too for the answers Starlette's error handler
     # sends from outside every middleware (an unexpected exception's 500).
     headers.setdefault("X-Content-Type-Options", "nosniff")
     if 400 <= exc.status < 500 and exc.status not in (408, 409, 429):
         headers.setdefault("x-should-retry", "false")
-    if is_systemone(path):
-        body: dict[str, Any] = {"detail": {"error_type": exc.type, "message": exc.message}}
-    else:
-        body = envelope(exc.message, exc.type, exc.code, exc.param)
-    return JSONResponse(body, status_code=exc.status, headers=headers)
+    return headers
 
 
 def to_api_error(exc: BaseException, retry_after: int = 1, param: str | None = None) -> APIError:
     """Map any exception raised while serving to the APIError a client should see.
 
-    ``param``: the request field an input error is about when the error names none (the route
-    knows: ``input`` on the task routes, ``messages`` on chat)."""
+    ``param``: the request field an input error is about when the error names none (the API
+    family's input field: ``messages`` on chat, ``input`` on the task routes)."""
     if isinstance(exc, APIError):
         return exc
     if isinstance(exc, EngineDeadError):
         return NotReadyError(f"{exc}; the server is restarting, retry shortly", code="engine_dead")
     if isinstance(exc, EngineOverloadedError):
         return OverloadedError(str(exc), headers={"Retry-After": str(retry_after)})
-    if isinstance(exc, TaskError):
-        where = getattr(exc, "param", None) or param
-        if getattr(exc, "not_found", False):
-            return NotFoundError(str(exc), param=where)
-        return InvalidRequestError(str(exc), param=where)
-    if isinstance(exc, ParamError):
-        return InvalidRequestError(str(exc), param=exc.param or param)
-    if isinstance(exc, PromptTooLongError):
-        return InvalidRequestError(
-            str(exc), param=param or "messages", code="context_length_exceeded"
-        )
+    if isinstance(exc, InputError):
+        where = exc.param or param
+        if exc.not_found:
+            return NotFoundError(str(exc), param=where, code=exc.code)
+        return InvalidRequestError(str(exc), param=where, code=exc.code)
     if isinstance(exc, UpstreamTimeoutError):
         return GatewayTimeoutError(str(exc), code="upstream_timeout")
     if isinstance(exc, UpstreamError):
@@ -181,10 +162,25 @@ def to_api_error(exc: BaseException, retry_after: int = 1, param: str | None = N
     return APIError("internal server error")
 
 
+def api_error_for(exc: BaseException, request: Request) -> APIError:
+    """:func:`to_api_error` for an exception raised while serving ``request``: an input error
+    without a field gets the API family's input field (``request.state.input_param``, set by
+    its serving class); a full wait queue is counted and answered with the server's
+    Retry-After (429 instead of 503 when the operator chose it)."""
+    state = getattr(request.app.state, "server", None)
+    if isinstance(exc, EngineOverloadedError) and state is not None:
+        state.metrics.rejected.labels("queue_full").inc()
+        err = OverloadedError(str(exc), headers=state.retry_after())
+        if state.settings.server.overload_status == 429:
+            err.status, err.type, err.code = 429, "rate_limit_error", "rate_limited"
+        return err
+    return to_api_error(exc, param=getattr(request.state, "input_param", None))
+
+
 _TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
 
 
-def _validation_message(
+def validation_message(
     exc: RequestValidationError, brackets: bool = False
 ) -> tuple[str, str | None]:
     errors = exc.errors()
@@ -235,57 +231,34 @@ def _field_path(error: dict, brackets: bool = False) -> str | None:
 
 
 def register_exception_handlers(app: FastAPI) -> None:
-    """Answer every failure with the envelope: API errors, validation, unknown routes, bugs."""
+    """Answer every failure raised outside a dialect router's routes (see
+    ``allinone.api.dialects``) in the dialect of the route its path belongs to: unknown
+    routes, wrong methods, and bugs."""
+    from allinone.api.dialects import OPENAI, dialect_for, error_response
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-        path = request.url.path
-        message, param = _validation_message(exc, brackets=path.startswith("/v1/decisions"))
-        if is_systemone(path):
-            # TypeSafe's own validation answer: FastAPI's 422 body, invalid JSON included
-            # (the conformance suite expects 422 detail[] for a body that is not JSON)
-            return JSONResponse(
-                {"detail": jsonable_encoder(exc.errors())},
-                status_code=422,
-                headers={"x-should-retry": "false"},
-            )
-        return error_response(InvalidRequestError(message, param=param), path)
+    async def _validation(request: Request, exc: RequestValidationError) -> Response:
+        return dialect_for(request.scope).validation(exc)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        path = request.url.path
+    async def _http(request: Request, exc: StarletteHTTPException) -> Response:
+        dialect = dialect_for(request.scope)
         if exc.status_code == 404:
-            return error_response(NotFoundError("no such route; see /docs for the API"), path)
+            return OPENAI.response(NotFoundError("no such route; see /docs for the API"))
         if exc.status_code == 405:
             err = InvalidRequestError("method not allowed on this route", code="method_not_allowed")
             err.status = 405
-            return error_response(err, path)
+            return dialect.response(err)
         err = InvalidRequestError(str(exc.detail))
         err.status = exc.status_code
-        return error_response(err, path)
+        return dialect.response(err)
 
-    # Known errors are handled here, inside the app; only a bug reaches the generic handler
-    # (which Starlette runs in its outermost middleware and then logs with a traceback).
-    async def _known(request: Request, exc: Exception) -> JSONResponse:
-        return error_response(to_api_error(exc), request.url.path)
+    # Known errors raised outside dialect routes (the probes) are answered here, inside the
+    # app; only a bug reaches the generic handler, which Starlette runs in its outermost
+    # middleware and then logs with a traceback.
+    async def _known(request: Request, exc: Exception) -> Response:
+        return error_response(exc, request, dialect_for(request.scope))
 
-    async def _overloaded(request: Request, exc: Exception) -> JSONResponse:
-        state = request.app.state.server
-        state.metrics.rejected.labels("queue_full").inc()
-        err = OverloadedError(str(exc), headers=state.retry_after())
-        if state.settings.server.overload_status == 429:
-            err.status, err.type, err.code = 429, "rate_limit_error", "rate_limited"
-        return error_response(err, request.url.path)
-
-    app.add_exception_handler(EngineOverloadedError, _overloaded)
-    for known in (APIError, TaskError, PromptTooLongError, BackendError):
+    for known in (APIError, InputError, BackendError):
         app.add_exception_handler(known, _known)
-
-    @app.exception_handler(Exception)
-    async def _any(request: Request, exc: Exception) -> JSONResponse:
-        response = error_response(to_api_error(exc), request.url.path)
-        # Starlette re-raises a bug after this answer is sent and uvicorn then drops the
-        # connection: without this header a keep-alive client (httpx, the openai SDK) would send
-        # its next request on it and see a reset instead of an answer.
-        response.headers["Connection"] = "close"
-        return response
+    app.add_exception_handler(Exception, _known)

@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 
 from allinone.service import ClassifyResult, TaskService
-from allinone.tasks import TaskError, TaskSpec
+from allinone.serving.errors import InputError
+from allinone.tasks import TaskSpec
 
 
 @dataclass
@@ -25,7 +26,7 @@ class LabelledText:
 
 def read_rows(path: Path, limit: int | None = None) -> list[tuple[str, str]]:
     """(label, text) rows of a ``label<TAB>text`` file (a ``label`` header line is skipped).
-    Raises TaskError for a line without a tab or a file without rows."""
+    Raises InputError for a line without a tab or a file without rows."""
     rows: list[tuple[str, str]] = []
     with Path(path).open(encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, 1):
@@ -34,14 +35,14 @@ def read_rows(path: Path, limit: int | None = None) -> list[tuple[str, str]]:
                 continue
             value, sep, text = line.partition("\t")
             if not sep:
-                raise TaskError(f"{path}:{lineno}: expected label<TAB>text")
+                raise InputError(f"{path}:{lineno}: expected label<TAB>text")
             if lineno == 1 and value == "label":
                 continue
             rows.append((value.strip(), text))
             if limit and len(rows) >= limit:
                 break
     if not rows:
-        raise TaskError(f"{path} has no labelled rows")
+        raise InputError(f"{path} has no labelled rows")
     return rows
 
 

@@ -24,7 +24,8 @@ from allinone.backends.base import (
     Segment,
 )
 from allinone.decisions import Opposites, QuestionPriors
-from allinone.tasks import TaskError, TaskRegistry, TaskSpec
+from allinone.serving.errors import InputError
+from allinone.tasks import TaskRegistry, TaskSpec
 
 # Chat templates wrap each message in markup (ChatML: <|im_start|>, role, newlines, <|im_end|>);
 # history budgets count it per message so a long chat of short turns still fits.
@@ -188,10 +189,10 @@ class TaskService:
         return self.backend.render_chat(messages, n_prefix_messages=len(messages) - 1)
 
     def classify_task(self, name: str) -> TaskSpec:
-        """The classify task called ``name`` (TaskError if unknown or not a classifier)."""
+        """The classify task called ``name`` (InputError if unknown or not a classifier)."""
         task = self.tasks.get(name)
         if task.kind != "classify":
-            raise TaskError(f"task {name!r} is a {task.kind} task, not a classifier")
+            raise InputError(f"task {name!r} is a {task.kind} task, not a classifier")
         return task
 
     def submit_classify(self, task_name: str, text: str) -> ClassifyJob:
@@ -311,7 +312,7 @@ class TaskService:
         Finished, returns the result; ``extract`` and ``extract_async`` drive it."""
         task = self.tasks.get(task_name)
         if task.kind != "extract":
-            raise TaskError(f"task {task_name!r} is a {task.kind} task, not an extract task")
+            raise InputError(f"task {task_name!r} is a {task.kind} task, not an extract task")
         started = time.perf_counter()
         messages = [{"role": "system", "content": task.system}]
         for ex in task.examples:
@@ -369,9 +370,9 @@ class TaskService:
         the chat template; ``options`` are further ``GenerationParams`` fields (logit_bias,
         penalties, grammar, logprobs)."""
         if not messages:
-            raise TaskError("messages is empty: send at least one user message")
+            raise InputError("messages is empty: send at least one user message")
         if messages[-1]["role"] not in ("user", "tool"):
-            raise TaskError("the last message must come from the user (or be a tool result)")
+            raise InputError("the last message must come from the user (or be a tool result)")
         messages = [dict(m) for m in messages]
         dropped = 0
         if task is not None and messages[-1]["role"] == "user":

@@ -17,7 +17,6 @@ import pytest
 from allinone.backends.base import (
     BackendError,
     GenerationParams,
-    ParamError,
     Prompt,
     RequestHandle,
     ScoreBranch,
@@ -25,6 +24,7 @@ from allinone.backends.base import (
 )
 from allinone.backends.llama_cpp.request import Request
 from allinone.server_process import ServerProcess
+from allinone.serving.errors import InputError
 
 MODEL = "qwen-default"
 SYSTEM = (Segment("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n", special=True),)
@@ -93,10 +93,10 @@ def test_a_request_with_no_tokens_is_refused_at_admission(tiny_backend_factory):
     empty = Request(
         kind="generate", handle=RequestHandle(), prefix_key=(), prefix_tokens=[], body_tokens=[]
     )
-    with pytest.raises(ParamError) as refused:
+    with pytest.raises(InputError) as refused:
         loop.submit(empty)
     assert refused.value.param == "prompt"
-    with pytest.raises(ParamError):  # a scoring request has no BOS to fall back on
+    with pytest.raises(InputError):  # a scoring request has no BOS to fall back on
         backend.score_choices(Prompt((), ()), ["yes", "no"])
     fin = backend.generate(Prompt((), (Segment("Hello"),)), GenerationParams(max_tokens=4))
     assert fin.result(timeout=120).usage.completion_tokens > 0

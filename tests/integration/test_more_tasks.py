@@ -67,9 +67,9 @@ def _transcripts() -> list[tuple[str, str]]:
 
 
 def test_extract_is_refused_for_other_task_kinds(service):
-    from allinone.tasks import TaskError
+    from allinone.serving.errors import InputError
 
-    with pytest.raises(TaskError, match="not an extract task"):
+    with pytest.raises(InputError, match="not an extract task"):
         service.extract("sentiment", "hi")
 
 

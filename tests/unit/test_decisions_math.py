@@ -5,10 +5,8 @@ import math
 import pytest
 
 from allinone.api.decisions_protocol import DecisionRequest
-from allinone.api.routes.decisions import render_input
 from allinone.decisions import (
     Answer,
-    DecisionError,
     Option,
     Question,
     answer_from_logprobs,
@@ -17,6 +15,8 @@ from allinone.decisions import (
     option_codes,
     question_block,
 )
+from allinone.serving.decisions import render_input
+from allinone.serving.errors import InputError
 
 
 def _choice(n):
@@ -51,7 +51,7 @@ def test_option_codes_are_letters_then_two_letters_of_one_length():
     assert option_codes(26)[-1] == "Z"
     codes = option_codes(255)
     assert len(set(codes)) == 255 and {len(c) for c in codes} == {2}
-    with pytest.raises(DecisionError):
+    with pytest.raises(InputError):
         option_codes(677)
 
 
@@ -133,7 +133,7 @@ def test_strategy_names_parse_and_unknown_parts_are_refused_by_name():
         ("cloze+magic", "magic"),
         ("cloze+prior+prior", "prior"),
     ]:
-        with pytest.raises(DecisionError) as e:
+        with pytest.raises(InputError) as e:
             Strategy.parse(bad)
         assert e.value.param == "x_strategy" and part in str(e.value)
 

@@ -18,8 +18,8 @@ from allinone.backends.base import (
 )
 from allinone.backends.chat_template import ChatTemplate
 from allinone.backends.remote import choice_grammar, label_logprobs
-from allinone.errors import _validation_message, to_api_error
-from allinone.tasks import TaskError
+from allinone.errors import to_api_error, validation_message
+from allinone.serving.errors import InputError
 
 
 def test_chatml_puts_markup_and_content_in_separate_segments_and_cuts_the_prefix():
@@ -57,7 +57,7 @@ def test_bos_is_added_when_the_model_wants_it_and_the_template_does_not():
         (EngineOverloadedError("full"), 503, "overloaded", None),
         (EngineDeadError("dead"), 503, "engine_dead", None),
         (PromptTooLongError("long"), 400, "context_length_exceeded", "input"),
-        (TaskError("bad"), 400, "invalid_request", "input"),
+        (InputError("bad"), 400, "invalid_request", "input"),
         (UpstreamTimeoutError("slow"), 504, "upstream_timeout", None),
         (UpstreamError("down"), 502, "upstream_error", None),
         (BackendError("boom"), 500, "engine_error", None),
@@ -72,13 +72,13 @@ def test_every_exception_maps_to_one_status_and_code(exc, status, code, param):
 
 
 def test_a_not_found_task_is_404_and_keeps_its_own_param():
-    exc = TaskError("no such task")
+    exc = InputError("no such task")
     exc.not_found, exc.param = True, "task"
     err = to_api_error(exc, param="input")
     assert (err.status, err.param) == (404, "task")
 
 
-def test_validation_messages_name_the_field_not_pydantics_union_members():
+def testvalidation_messages_name_the_field_not_pydantics_union_members():
     errors = [
         {
             "type": "value_error",
@@ -91,7 +91,7 @@ def test_validation_messages_name_the_field_not_pydantics_union_members():
             "msg": "Input should be a valid list",
         },
     ]
-    message, param = _validation_message(RequestValidationError(errors))
+    message, param = validation_message(RequestValidationError(errors))
     assert param == "messages.0.content"
     assert message == "messages.0.content: contains an unpaired surrogate"
 

@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from allinone.tasks import TaskError, TaskRegistry, UnknownTaskError, load_task_file
+from allinone.serving.errors import InputError
+from allinone.tasks import TaskRegistry, load_task_file
 
 
 def write(tmp_path: Path, name: str, text: str) -> Path:
@@ -49,7 +50,7 @@ def test_user_task_dir_adds_and_overrides(tmp_path):
 )
 def test_invalid_task_files_say_what_is_wrong(tmp_path, body, needle):
     path = write(tmp_path, "bad", body)
-    with pytest.raises(TaskError) as err:
+    with pytest.raises(InputError) as err:
         load_task_file(path)
     assert needle in str(err.value)
     assert "bad.toml" in str(err.value)
@@ -60,13 +61,13 @@ def test_input_limit_truncates_or_rejects():
     senti = reg.get("sentiment")
     assert len(senti.prepare_input("好" * 5000)) == senti.input.max_chars
     chat = reg.get("chat")
-    with pytest.raises(TaskError, match="at most 2000"):
+    with pytest.raises(InputError, match="at most 2000"):
         chat.prepare_input("x" * 2001)
-    with pytest.raises(TaskError, match="empty"):
+    with pytest.raises(InputError, match="empty"):
         senti.prepare_input("   ")
 
 
 def test_unknown_task_lists_known_names():
-    with pytest.raises(UnknownTaskError) as err:
+    with pytest.raises(InputError) as err:
         TaskRegistry.load().get("nope")
     assert "sentiment" in str(err.value) and err.value.not_found

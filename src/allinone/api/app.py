@@ -96,7 +96,13 @@ def create_app(
     app.state.server = state
     register_exception_handlers(app)
 
-    api_routers = (openai.router, completions.router, tasks.router, decisions.router, audio.router)
+    api_routers = (
+        openai.router,
+        completions.router,
+        tasks.router,
+        *decisions.routers,
+        audio.router,
+    )
     public_routers = (health.router, ui.router)
     for router in public_routers:
         app.include_router(router)

@@ -8,7 +8,8 @@ from collections.abc import Callable, Collection, Container
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from allinone.errors import AuthenticationError, PayloadTooLargeError, error_response
+from allinone.api.dialects import dialect_for
+from allinone.errors import AuthenticationError, PayloadTooLargeError
 
 
 def _route_path(scope: Scope) -> str:
@@ -21,10 +22,11 @@ def _route_path(scope: Scope) -> str:
 
 
 class APIKeyMiddleware:
-    """With API keys configured, every request needs ``Authorization: Bearer <key>`` except the
+    """With API keys configured, every request needs ``Authorization: Bearer <key>`` (or
+    Anthropic's ``x-api-key: <key>``) except the
     ``public_paths`` (exact) and ``public_prefixes`` (probes, metrics, the page, the docs): 401
     ``authentication_error`` with ``WWW-Authenticate: Bearer``, in the route family's envelope
-    (TypeSafe's on /v1/systemone), before a byte of the body is read, so a request without a key
+    (``allinone.api.dialects``), before a byte of the body is read, so a request without a key
     learns nothing about its body and cannot make the server wait for or hold one.
 
     Protection is by exclusion: a route added later needs a key unless made public here, and an
@@ -46,15 +48,18 @@ class APIKeyMiddleware:
         self.on_reject = on_reject
 
     def _authorized(self, scope: Scope) -> bool:
-        auth = b""
+        given = b""
         for name, value in scope.get("headers", []):
             if name == b"authorization":
-                auth = value
+                scheme, _, bearer = value.partition(b" ")
+                if scheme.lower() == b"bearer":
+                    given = bearer.strip()
+                    break
+            elif name == b"x-api-key":  # Anthropic's header (its SDKs and Claude-style tools)
+                given = value.strip()
                 break
-        scheme, _, given = auth.partition(b" ")
-        if scheme.lower() != b"bearer":
+        if not given:
             return False
-        given = given.strip()
         # Compare with every key in constant time: how far a guess matched leaks nothing.
         matched = False
         for k in self.keys:
@@ -79,7 +84,7 @@ class APIKeyMiddleware:
             # read and drop whatever the client goes on sending
             headers={"WWW-Authenticate": "Bearer", "Connection": "close"},
         )
-        await error_response(err, path)(scope, receive, send)
+        await dialect_for(scope).response(err)(scope, receive, send)
 
 
 class BodyLimitMiddleware:
@@ -114,7 +119,7 @@ class BodyLimitMiddleware:
         )
         for name, value in scope.get("headers", []):
             if name == b"content-length" and value.isdigit() and int(value) > limit:
-                await error_response(too_big)(scope, receive, send)
+                await dialect_for(scope).response(too_big)(scope, receive, send)
                 return
         chunks: list[bytes] = []
         size = 0
@@ -125,7 +130,7 @@ class BodyLimitMiddleware:
             body = message.get("body", b"")
             size += len(body)
             if size > limit:
-                await error_response(too_big)(scope, receive, send)
+                await dialect_for(scope).response(too_big)(scope, receive, send)
                 return
             chunks.append(body)
             if not message.get("more_body", False):

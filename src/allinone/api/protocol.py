@@ -21,6 +21,7 @@ from pydantic import (
 )
 
 from allinone.api.json_text import invalid_text, unicode_problem
+from allinone.serving.sse import sse
 
 
 def _valid_text(value: str) -> str:
@@ -460,7 +461,7 @@ class ChunkStream:
     def sse(self, chunk: ChatCompletionChunk) -> str:
         """One SSE event. Fields never set are left out (a delta without ``role``, a chunk
         without ``usage``); ``finish_reason`` is always there, null until the end, as OpenAI's."""
-        return f"data: {chunk.model_dump_json(exclude_unset=True)}\n\n"
+        return sse(chunk.model_dump_json(exclude_unset=True))
 
     def delta(
         self,
@@ -504,9 +505,6 @@ class ChunkStream:
         if usage is not None:
             fields["usage"] = usage
         return ChatCompletionChunk(**fields)
-
-
-DONE = "data: [DONE]\n\n"
 
 
 class ModelCard(BaseModel):

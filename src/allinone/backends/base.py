@@ -17,6 +17,8 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
+from allinone.serving.errors import InputError
+
 
 class BackendError(RuntimeError):
     """The engine failed to run a request (not the caller's fault)."""
@@ -38,19 +40,14 @@ class UpstreamTimeoutError(UpstreamError):
     """A remote engine did not answer in time (HTTP 504)."""
 
 
-class PromptTooLongError(ValueError):
-    """A prompt does not fit the context a sequence may use."""
+class PromptTooLongError(InputError):
+    """A prompt does not fit the context a sequence may use (400
+    ``context_length_exceeded``; ``param``: the API family's input field)."""
+
+    code = "context_length_exceeded"
 
 
-class ParamError(ValueError):
-    """A request parameter the engine cannot honour as sent (HTTP 400 naming ``param``)."""
-
-    def __init__(self, message: str, param: str | None = None) -> None:
-        super().__init__(message)
-        self.param = param
-
-
-class GrammarError(ParamError):
+class GrammarError(InputError):
     """A grammar or JSON schema the engine cannot compile or follow (the caller's to fix)."""
 
     def __init__(self, message: str, param: str | None = "response_format") -> None:
@@ -154,6 +151,7 @@ class Finished:
     usage: Usage
     result: Any = None
     logprobs: list[TokenLogprob] | None = None
+    stop_sequence: str | None = None  # the stop string that ended the reply, if one did
 
 
 class RequestHandle:
@@ -345,11 +343,11 @@ class Backend(ABC):
 
     def tokenize(self, text: str, special: bool = False) -> list[int]:
         """Token ids of ``text`` (``special``: parse control-token markup)."""
-        raise ParamError(f"the {self.name} backend does not expose its tokenizer")
+        raise InputError(f"the {self.name} backend does not expose its tokenizer")
 
     def detokenize(self, tokens: list[int]) -> str:
-        """The text of token ids (ParamError for an id outside the vocabulary)."""
-        raise ParamError(f"the {self.name} backend does not expose its tokenizer")
+        """The text of token ids (InputError for an id outside the vocabulary)."""
+        raise InputError(f"the {self.name} backend does not expose its tokenizer")
 
     @abstractmethod
     def score_choices(self, prompt: Prompt, choices: list[str]) -> RequestHandle:

@@ -26,7 +26,6 @@ from allinone.backends.base import (
     Finished,
     FinishReason,
     GenerationParams,
-    ParamError,
     Prompt,
     PromptTooLongError,
     RequestHandle,
@@ -34,6 +33,7 @@ from allinone.backends.base import (
     Usage,
 )
 from allinone.backends.chat_template import ChatTemplate
+from allinone.serving.errors import InputError
 from allinone.settings import EngineSettings
 
 log = logging.getLogger(__name__)
@@ -169,7 +169,7 @@ class TransformersBackend(Backend):
         if not body:
             bos = self.tok.bos_token_id if kind == "generate" else None
             if bos is None:
-                raise ParamError("the prompt has no tokens; send some text", "prompt")
+                raise InputError("the prompt has no tokens; send some text", "prompt")
             body = [int(bos)]  # an empty completion prompt starts a document, as OpenAI's
         if len(prefix) + len(body) + n_new > self.settings.ctx_per_seq:
             raise PromptTooLongError(

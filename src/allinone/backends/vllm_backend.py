@@ -23,7 +23,6 @@ from allinone.backends.base import (
     EngineOverloadedError,
     Finished,
     GenerationParams,
-    ParamError,
     Prompt,
     PromptTooLongError,
     RequestHandle,
@@ -31,6 +30,7 @@ from allinone.backends.base import (
 )
 from allinone.backends.chat_template import ChatTemplate
 from allinone.backends.remote import label_logprobs
+from allinone.serving.errors import InputError
 from allinone.settings import EngineSettings
 
 log = logging.getLogger(__name__)
@@ -121,7 +121,7 @@ class VLLMBackend(Backend):
             # An empty completion prompt starts a document (OpenAI's behaviour), from BOS.
             text = self.tok.bos_token or ""
             if not text:
-                raise ParamError("the prompt has no tokens; send some text", "prompt")
+                raise InputError("the prompt has no tokens; send some text", "prompt")
         if self.count_tokens(text) + 1 > self.settings.ctx_per_seq:
             raise PromptTooLongError(
                 f"the prompt does not fit {self.settings.ctx_per_seq} tokens (ALLINONE_CTX_PER_SEQ)"

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from allinone.serving.errors import InputError
 from allinone.speech.audio import SAMPLE_RATE
 
 
@@ -155,16 +156,17 @@ class Transcriber:
         """Transcribe 16 kHz mono float32 ``samples``. ``should_stop`` is polled before the
         work and after each segment (a segment covers up to 30 s of audio): True raises
         TranscriptionCancelled. ``on_progress`` gets the seconds of audio done so far.
-        ValueError for a language the model does not know."""
+        InputError (``language``) for a language the model does not know."""
         t0 = time.perf_counter()
         if should_stop():
             raise TranscriptionCancelled("cancelled before it started")
         duration = len(samples) / SAMPLE_RATE
         language, probability = options.language, 1.0
         if language is not None and language not in self.model.supported_languages:
-            raise ValueError(
+            raise InputError(
                 f"language {language!r} is not one this speech model knows; use an ISO 639-1 "
-                f"code such as {', '.join(self.languages[:6])}"
+                f"code such as {', '.join(self.languages[:6])}",
+                param="language",
             )
         if language is None:
             language, probability = self._detect(samples)

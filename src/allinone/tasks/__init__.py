@@ -1,6 +1,10 @@
 """Tasks are data: a prompt, labels and limits in a TOML file, served by the one loaded model."""
 
+from allinone.serving.errors import InputError
 from allinone.tasks.registry import TaskRegistry, load_task_file
-from allinone.tasks.spec import Example, TaskError, TaskSpec, UnknownTaskError
+from allinone.tasks.spec import Example, TaskSpec
 
-__all__ = ["Example", "TaskError", "TaskRegistry", "TaskSpec", "UnknownTaskError", "load_task_file"]
+# TaskError: the name the CLI still imports (the same class as InputError).
+TaskError = InputError
+
+__all__ = ["Example", "InputError", "TaskError", "TaskRegistry", "TaskSpec", "load_task_file"]

@@ -8,15 +8,16 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from allinone.tasks.spec import TaskError, TaskSpec, UnknownTaskError
+from allinone.serving.errors import InputError
+from allinone.tasks.spec import TaskSpec
 
 
 def load_task_file(path: Path) -> TaskSpec:
-    """Parse and validate one TOML task file; TaskError names the file and the problem."""
+    """Parse and validate one TOML task file; InputError names the file and the problem."""
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise TaskError(f"{path}: cannot read task file: {exc}") from exc
+        raise InputError(f"{path}: cannot read task file: {exc}") from exc
     data.setdefault("name", path.stem)
     try:
         return TaskSpec.model_validate(data)
@@ -24,7 +25,7 @@ def load_task_file(path: Path) -> TaskSpec:
         problems = "; ".join(
             f"{'.'.join(str(p) for p in e['loc']) or 'task'}: {e['msg']}" for e in exc.errors()
         )
-        raise TaskError(f"{path}: invalid task: {problems}") from exc
+        raise InputError(f"{path}: invalid task: {problems}") from exc
 
 
 class TaskRegistry:
@@ -45,7 +46,7 @@ class TaskRegistry:
         for d in extra_dirs or []:
             d = Path(d).expanduser()
             if not d.is_dir():
-                raise TaskError(f"tasks directory {d} does not exist")
+                raise InputError(f"tasks directory {d} does not exist")
             for p in sorted(d.glob("*.toml")):
                 reg.add(load_task_file(p))
         return reg
@@ -55,13 +56,14 @@ class TaskRegistry:
         self._tasks[task.name] = task
 
     def get(self, name: str) -> TaskSpec:
-        """The task called ``name``; TaskError lists the known names otherwise."""
+        """The task called ``name``; InputError lists the known names otherwise."""
         try:
             return self._tasks[name]
         except KeyError:
-            raise UnknownTaskError(
+            raise InputError(
                 f"unknown task {name!r}; known tasks: {', '.join(sorted(self._tasks))}",
                 param="task",
+                not_found=True,
             ) from None
 
     def __contains__(self, name: object) -> bool:

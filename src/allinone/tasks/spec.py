@@ -7,21 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-
-class TaskError(ValueError):
-    """A task file is invalid, or an input breaks a task's limits; the message says what to fix."""
-
-    not_found = False
-
-    def __init__(self, message: str, param: str | None = None) -> None:
-        super().__init__(message)
-        self.param = param
-
-
-class UnknownTaskError(TaskError):
-    """No task has the name asked for."""
-
-    not_found = True
+from allinone.serving.errors import InputError
 
 
 class Example(BaseModel):
@@ -195,12 +181,12 @@ class TaskSpec(BaseModel):
         return self
 
     def prepare_input(self, text: str) -> str:
-        """Apply the input limit: truncate or raise TaskError, per the task's overflow mode."""
+        """Apply the input limit: truncate or raise InputError, per the task's overflow mode."""
         if not text.strip():
-            raise TaskError("input is empty: send some text to classify")
+            raise InputError("input is empty: send some text to classify")
         if len(text) > self.input.max_chars:
             if self.input.overflow == "reject":
-                raise TaskError(
+                raise InputError(
                     f"input has {len(text)} characters; task {self.name!r} accepts at most "
                     f"{self.input.max_chars}. Shorten it."
                 )
@@ -213,4 +199,4 @@ class TaskSpec(BaseModel):
             return value
         if value in self.label_values:
             return self.label_values[value]
-        raise TaskError(f"value {value!r} is neither a label of {self.name!r} nor in label_values")
+        raise InputError(f"value {value!r} is neither a label of {self.name!r} nor in label_values")

@@ -14,20 +14,22 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.datastructures import UploadFile
 
+from allinone.api.dialects import dialect_router
 from allinone.api.state import ServerState
-from allinone.backends.base import PromptTooLongError
-from allinone.errors import InvalidRequestError, NotFoundError, ShuttingDownError, to_api_error
+from allinone.errors import ShuttingDownError
+from allinone.serving.errors import InputError
+from allinone.serving.scope import RequestScope
+from allinone.serving.speech import require_speech, voice_note, voice_note_task
 from allinone.speech import formats
 from allinone.speech.audio import AudioError, check_duration
 from allinone.speech.transcriber import TranscribeOptions, Transcript, TranscriptionCancelled
 from allinone.speech.worker import SpeechWorker
-from allinone.tasks import TaskError
 
-router = APIRouter(tags=["audio"])
+router = dialect_router(tags=["audio"])
 
 # Fields of OpenAI's transcription request that change the output and that we do not implement.
 _REFUSED = {
@@ -55,7 +57,7 @@ async def _read_form(request: Request, allowed: set[str]) -> tuple[dict[str, lis
     """The form's fields (name -> values) and the uploaded file's bytes; 400s name the field."""
     ctype = request.headers.get("content-type", "")
     if not ctype.startswith("multipart/form-data"):
-        raise InvalidRequestError(
+        raise InputError(
             "send the audio as multipart/form-data with the file in a 'file' field "
             f"(got content-type {ctype or 'none'!r})",
             code="invalid_content_type",
@@ -63,7 +65,7 @@ async def _read_form(request: Request, allowed: set[str]) -> tuple[dict[str, lis
     try:
         form = await request.form(max_files=1, max_fields=32)
     except Exception as exc:  # python-multipart / Starlette parse errors
-        raise InvalidRequestError(
+        raise InputError(
             f"the multipart body could not be read: {getattr(exc, 'detail', exc)}"
         ) from exc
     fields: dict[str, list[Any]] = {}
@@ -73,22 +75,22 @@ async def _read_form(request: Request, allowed: set[str]) -> tuple[dict[str, lis
         if key in _REFUSED:
             if key == "stream" and all(str(v).lower() == "false" for v in values):
                 continue
-            raise InvalidRequestError(_REFUSED[key], param=key.removesuffix("[]"))
+            raise InputError(_REFUSED[key], param=key.removesuffix("[]"))
         if key not in allowed:
-            raise InvalidRequestError(
+            raise InputError(
                 f"unknown field {key!r}; this route accepts: {', '.join(sorted(allowed))}",
                 param=key,
             )
         if len(values) > 1 and not key.endswith("[]"):
-            raise InvalidRequestError(f"{key} is given {len(values)} times; send it once", key)
+            raise InputError(f"{key} is given {len(values)} times; send it once", key)
     uploads = fields.get("file", [])
     if not uploads or not isinstance(uploads[0], UploadFile):
-        raise InvalidRequestError("no audio: send the file in a multipart 'file' field", "file")
+        raise InputError("no audio: send the file in a multipart 'file' field", "file")
     upload: UploadFile = uploads[0]
     data = await upload.read()
     await form.close()
     if not data:
-        raise InvalidRequestError("the file is empty (0 bytes): send an audio file", "file")
+        raise InputError("the file is empty (0 bytes): send an audio file", "file")
     return fields, data
 
 
@@ -98,7 +100,7 @@ def _text(fields: dict[str, list[Any]], name: str) -> str | None:
         return None
     value = values[0]
     if isinstance(value, UploadFile):
-        raise InvalidRequestError(f"{name} must be a text field, not a file", param=name)
+        raise InputError(f"{name} must be a text field, not a file", param=name)
     return str(value)
 
 
@@ -113,17 +115,18 @@ def _options(
 
         entry = get_speech_entry(model)
         if entry is None or entry.name != name:
-            raise NotFoundError(
+            raise InputError(
                 f"speech model {model!r} is not served here; this server runs {name} "
                 f"(also answering to {', '.join(MODEL_ALIASES)})",
                 param="model",
+                not_found=True,
                 code="model_not_found",
             )
     language = _text(fields, "language") or None
     if language is not None:
         language = language.strip().lower()
         if language not in speech.transcriber.languages:
-            raise InvalidRequestError(
+            raise InputError(
                 f"language {language!r} is not one {name} transcribes; send an ISO 639-1 code "
                 f"({', '.join(speech.transcriber.languages[:8])}, ...) or omit it to detect",
                 param="language",
@@ -136,7 +139,7 @@ def _options(
         except ValueError:
             temperature = -1.0
         if not 0.0 <= temperature <= 1.0:
-            raise InvalidRequestError(
+            raise InputError(
                 f"temperature must be a number from 0 to 1 (got {raw_temp!r})",
                 param="temperature",
             )
@@ -148,9 +151,9 @@ def _options(
     )
 
 
-def _audio_error(exc: AudioError) -> InvalidRequestError:
+def _audio_error(exc: AudioError) -> InputError:
     code = "audio_too_long" if exc.too_long else "invalid_audio"
-    return InvalidRequestError(str(exc), param="file", code=code)
+    return InputError(str(exc), param="file", code=code)
 
 
 async def _transcribe(
@@ -173,10 +176,8 @@ async def _transcribe(
         )
     except TranscriptionCancelled as exc:  # the worker was closed under it: shutting down
         raise ShuttingDownError(f"the transcription was stopped: {exc}") from exc
-    except AudioError as exc:
+    except AudioError as exc:  # found as the audio was decoded: the file is the fault
         raise _audio_error(exc) from exc
-    except ValueError as exc:  # a language the model refuses
-        raise InvalidRequestError(str(exc), param="language") from exc
 
 
 @router.post(
@@ -190,7 +191,7 @@ async def transcriptions(request: Request):
     fields, data = await _read_form(request, _TRANSCRIBE_FIELDS)
     response_format = (_text(fields, "response_format") or "json").strip()
     if response_format not in formats.RESPONSE_FORMATS:
-        raise InvalidRequestError(
+        raise InputError(
             f"response_format {response_format!r} is not one of "
             f"{', '.join(formats.RESPONSE_FORMATS)}",
             param="response_format",
@@ -202,12 +203,12 @@ async def transcriptions(request: Request):
     ]
     for g in grains:
         if g not in ("word", "segment"):
-            raise InvalidRequestError(
+            raise InputError(
                 f"timestamp_granularities holds {g!r}; use 'word' and/or 'segment'",
                 param="timestamp_granularities",
             )
     if grains and response_format != "verbose_json":
-        raise InvalidRequestError(
+        raise InputError(
             "timestamp_granularities needs response_format 'verbose_json'",
             param="timestamp_granularities",
         )
@@ -231,62 +232,24 @@ async def summaries(request: Request) -> JSONResponse:
     deadline = time.monotonic() + state.settings.server.request_timeout_s
     speech = state.require_speech()
     fields, data = await _read_form(request, _SUMMARY_FIELDS)
-    task_name = _text(fields, "task") or "voice-note"
-    request.state.task = task_name
-    try:
-        task = state.tasks.get(task_name)
-    except TaskError as exc:
-        raise to_api_error(exc, param="task") from exc
-    if task.kind != "extract":
-        raise InvalidRequestError(
-            f"task {task_name!r} is a {task.kind} task; a voice note needs an extract task "
-            "(e.g. voice-note)",
-            param="task",
-        )
+    task = voice_note_task(state.tasks, _text(fields, "task"))
+    request.state.task = task.name
     options = _options(speech, fields)
     transcript = await _transcribe(state, speech, request, data, options, deadline)
     heard = time.perf_counter()
-    if not transcript.text.strip():
-        raise InvalidRequestError(
-            "no speech was recognised in the audio, so there is nothing to summarise",
-            param="file",
-            code="no_speech",
-        )
     service = state.require_service()
-    try:
-        result = await state.bounded(
-            service.extract_async(task_name, transcript.text),
-            "the voice note's task",
-            deadline=deadline,
-            request=request,
-        )
-    except (TaskError, PromptTooLongError) as exc:
-        raise to_api_error(exc, param="file") from exc
+    scope = RequestScope(state, request, "the voice note's task", input_param="file")
+    scope.deadline = deadline
+    result = await scope.run(service.extract_async(task.name, require_speech(transcript)))
     done = time.perf_counter()
+    timings = {"transcription": heard - t0, "task": done - heard, "total": done - t0}
     return JSONResponse(
-        {
-            "object": "audio.summary",
-            "task": task_name,
-            "model": service.backend.model_id,
-            "speech_model": speech.transcriber.name,
-            "transcript": {
-                "text": transcript.text,
-                "language": transcript.language,
-                "duration": round(transcript.duration, 3),
-            },
-            "output": result.output,
-            "scores": result.scores,
-            "usage": {
-                "prompt_tokens": result.prompt_tokens,
-                "completion_tokens": result.completion_tokens,
-                "total_tokens": result.prompt_tokens + result.completion_tokens,
-                "audio_seconds": round(transcript.duration, 3),
-            },
-            "timings_ms": {
-                "transcription": round((heard - t0) * 1000, 1),
-                "task": round((done - heard) * 1000, 1),
-                "total": round((done - t0) * 1000, 1),
-                "rtf": round(transcript.rtf, 3),
-            },
-        }
+        voice_note(
+            task.name,
+            service.backend.model_id,
+            speech.transcriber.name,
+            transcript,
+            result,
+            {k: v * 1000 for k, v in timings.items()},
+        )
     )

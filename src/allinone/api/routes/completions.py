@@ -7,34 +7,31 @@ llama.cpp's server and vLLM do): evaluation tools send templated prompts themsel
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 import uuid
 from collections.abc import AsyncIterator
 from typing import Literal
 
-from fastapi import APIRouter, Request
+from fastapi import Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field, StrictInt, model_validator
 
+from allinone.api.dialects import dialect_router
 from allinone.api.protocol import (
-    DONE,
     NoEffectFields,
     SamplingFields,
     StreamOptions,
     Text,
     UsageInfo,
 )
-from allinone.backends.base import (
-    GenerationParams,
-    ParamError,
-    Prompt,
-    PromptTooLongError,
-    Segment,
-)
-from allinone.errors import InvalidRequestError, envelope, to_api_error
+from allinone.backends.base import GenerationParams, Prompt, Segment
+from allinone.errors import envelope, to_api_error
+from allinone.serving.errors import InputError
+from allinone.serving.models import resolve_model
+from allinone.serving.scope import Done, LogprobsDelta, RequestScope, TextDelta
+from allinone.serving.sse import DONE, HEADERS, MEDIA_TYPE, sse
 
-router = APIRouter(tags=["openai"])
+router = dialect_router(tags=["openai"])
 
 
 class CompletionRequest(SamplingFields):
@@ -71,7 +68,7 @@ def _params(body: CompletionRequest, features: frozenset[str]) -> GenerationPara
     asked |= {name: (name, True) for name in extras}
     for field, (feature, given) in asked.items():
         if given and feature not in features:
-            raise InvalidRequestError(f"this backend does not support {field}", param=field)
+            raise InputError(f"this backend does not support {field}", param=field)
     params = GenerationParams(
         max_tokens=body.max_tokens,
         temperature=body.temperature,
@@ -107,73 +104,64 @@ def _legacy_logprobs(entries, offset: int = 0) -> dict:
 @router.post("/v1/completions", summary="OpenAI legacy text completions (stream with SSE)")
 async def completions(body: CompletionRequest, request: Request):
     state = request.app.state.server
-    backend = state.require_service().backend
-    if body.model != backend.model_id:
-        raise InvalidRequestError(
-            f"model {body.model!r} not found; completions use the served model "
-            f"{backend.model_id!r} (tasks answer on /v1/chat/completions)",
+    service = state.require_service()
+    backend = service.backend
+    if resolve_model(service, body.model) is not None:
+        raise InputError(
+            f"completions use the served model {backend.model_id!r}; task {body.model!r} "
+            "answers on /v1/chat/completions",
             param="model",
-            code="model_not_found",
         )
     request.state.task = "model"
     params = _params(body, backend.generation_features)
     text = body.prompt if isinstance(body.prompt, str) else body.prompt[0]
-    try:
-        handle = backend.generate(Prompt((), (Segment(text, special=True),)), params)
-    except PromptTooLongError as exc:
-        raise to_api_error(exc, param="prompt") from exc
-    except ParamError as exc:
-        raise to_api_error(exc) from exc
+    scope = RequestScope(state, request, "the completion", input_param="prompt")
+    (handle,) = scope.add([backend.generate(Prompt((), (Segment(text, special=True),)), params)])
     cid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
     head = {"id": cid, "object": "text_completion", "created": created, "model": body.model}
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return StreamingResponse(
-            _stream(handle, head, include_usage, state),
-            media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            _stream(scope, handle, head, include_usage), media_type=MEDIA_TYPE, headers=HEADERS
         )
-    try:
-        finished = await state.bounded(handle.result_async(), "the completion", request=request)
-    finally:
-        handle.cancel()
+    async with scope:
+        (finished,) = await scope.wait_all()
     lp = _legacy_logprobs(finished.logprobs) if finished.logprobs is not None else None
     choice = {"text": finished.result, "index": 0, "logprobs": lp}
     choice["finish_reason"] = finished.reason
     return {**head, "choices": [choice], "usage": UsageInfo.of(finished.usage).model_dump()}
 
 
-def _event(data: dict) -> str:
-    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
-
-
-async def _stream(handle, head: dict, include_usage: bool, state) -> AsyncIterator[str]:
+async def _stream(
+    scope: RequestScope, handle, head: dict, include_usage: bool
+) -> AsyncIterator[str]:
     pending: list = []
     offset = 0
     try:
-        async for kind, value in state.bounded_iter(handle.aevents(), "the completion"):
-            if kind == "logprobs":
-                pending.extend(value)
-                continue
-            if kind == "text":
-                lp = _legacy_logprobs(pending, offset) if pending else None
-                pending.clear()
-                offset += len(value)
-                choice = {"text": value, "index": 0, "logprobs": lp, "finish_reason": None}
-                yield _event({**head, "choices": [choice]})
-                continue
-            choice = {"text": "", "index": 0, "logprobs": None, "finish_reason": value.reason}
-            yield _event({**head, "choices": [choice]})
-            if include_usage:
-                usage = UsageInfo.of(value.usage).model_dump()
-                yield _event({**head, "choices": [], "usage": usage})
+        async with scope:
+            async for event in scope.events(handle):
+                if isinstance(event, LogprobsDelta):
+                    pending.extend(event.entries)
+                elif isinstance(event, TextDelta):
+                    lp = _legacy_logprobs(pending, offset) if pending else None
+                    pending.clear()
+                    offset += len(event.text)
+                    choice = {"text": event.text, "index": 0, "logprobs": lp}
+                    yield sse({**head, "choices": [{**choice, "finish_reason": None}]})
+                elif isinstance(event, Done):
+                    reason = event.finished.reason
+                    choice = {"text": "", "index": 0, "logprobs": None, "finish_reason": reason}
+                    yield sse({**head, "choices": [choice]})
+                    if include_usage:
+                        usage = UsageInfo.of(event.finished.usage).model_dump()
+                        yield sse({**head, "choices": [], "usage": usage})
         yield DONE
     except Exception as exc:  # one error event, then [DONE]
         err = to_api_error(exc)
-        yield _event(envelope(err.message, err.type, err.code, err.param))
+        yield sse(envelope(err.message, err.type, err.code, err.param))
         yield DONE
     finally:
-        handle.cancel()
+        scope.close()
 
 
 class TokenizeRequest(NoEffectFields):
@@ -208,10 +196,7 @@ async def tokenize(body: TokenizeRequest, request: Request) -> dict:
     backend = request.app.state.server.require_service().backend
     text = body.content if body.content is not None else body.prompt
     assert text is not None
-    try:
-        ids = backend.tokenize(text, special=body.add_special)
-    except ParamError as exc:
-        raise to_api_error(exc) from exc
+    ids = backend.tokenize(text, special=body.add_special)
     out: dict = {"tokens": ids, "count": len(ids), "max_model_len": backend.context_tokens}
     if body.with_pieces:
         out["pieces"] = [backend.detokenize([t]) for t in ids]
@@ -226,8 +211,5 @@ class _Detokenized(BaseModel):
 @router.post("/detokenize", summary="The text of token ids (llama.cpp / vLLM shape)")
 async def detokenize(body: DetokenizeRequest, request: Request) -> _Detokenized:
     backend = request.app.state.server.require_service().backend
-    try:
-        text = backend.detokenize(body.tokens)
-    except ParamError as exc:
-        raise to_api_error(exc) from exc
+    text = backend.detokenize(body.tokens)
     return _Detokenized(content=text, prompt=text)

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import time
 
-from fastapi import APIRouter, Request
+from fastapi import Request
 
+from allinone.api.dialects import dialect_router
 from allinone.api.protocol import (
     ClassifyItem,
     ClassifyRequest,
@@ -15,11 +16,10 @@ from allinone.api.protocol import (
     ExtractResponse,
     UsageInfo,
 )
-from allinone.backends.base import PromptTooLongError
-from allinone.errors import InvalidRequestError, to_api_error
-from allinone.tasks import TaskError
+from allinone.serving.errors import InputError
+from allinone.serving.scope import RequestScope
 
-router = APIRouter(tags=["tasks"])
+router = dialect_router(tags=["tasks"])
 
 
 @router.post(
@@ -34,23 +34,19 @@ async def classify(body: ClassifyRequest, request: Request) -> ClassifyResponse:
     service = state.require_service()
     texts = [body.input] if isinstance(body.input, str) else body.input
     if not texts:
-        raise InvalidRequestError("input is an empty list: send at least one text", param="input")
+        raise InputError("input is an empty list: send at least one text", param="input")
     limit = state.settings.server.max_batch_inputs
     if len(texts) > limit:
-        raise InvalidRequestError(
+        raise InputError(
             f"input has {len(texts)} texts; at most {limit} per request "
             "(ALLINONE_MAX_BATCH_INPUTS)",
             param="input",
         )
     t0 = time.perf_counter()
-    try:
-        # On timeout or the drain deadline classify_async is cancelled; its cleanup cancels
-        # the engine work.
-        results = await state.bounded(
-            service.classify_async(body.task, texts), "classification", request=request
-        )
-    except (TaskError, PromptTooLongError) as exc:
-        raise to_api_error(exc, param="input") from exc
+    # On timeout, hang-up or the drain deadline classify_async is cancelled; its cleanup
+    # cancels the engine work.
+    scope = RequestScope(state, request, "classification", input_param="input")
+    results = await scope.run(service.classify_async(body.task, texts))
     return ClassifyResponse(
         task=body.task,
         model=service.backend.model_id,
@@ -77,13 +73,9 @@ async def extract(body: ExtractRequest, request: Request) -> ExtractResponse:
     state = request.app.state.server
     request.state.task = body.task
     service = state.require_service()
-    try:
-        # Fields run one after another; cancelling stops the field in the engine.
-        result = await state.bounded(
-            service.extract_async(body.task, body.input), "extraction", request=request
-        )
-    except (TaskError, PromptTooLongError) as exc:
-        raise to_api_error(exc, param="input") from exc
+    # Fields run one after another; cancelling stops the field in the engine.
+    scope = RequestScope(state, request, "extraction", input_param="input")
+    result = await scope.run(service.extract_async(body.task, body.input))
     return ExtractResponse(
         task=result.task,
         model=service.backend.model_id,

@@ -14,7 +14,6 @@ from allinone.backends.base import (
     Backend,
     BackendError,
     GenerationParams,
-    ParamError,
     Prompt,
     PromptTooLongError,
     RequestHandle,
@@ -27,6 +26,7 @@ from allinone.backends.llama_cpp.engine_loop import EngineLoop
 from allinone.backends.llama_cpp.grammar import GrammarCompiler
 from allinone.backends.llama_cpp.request import Branch, Request
 from allinone.backends.llama_cpp.runtime import ContextShape, LlamaRuntime
+from allinone.serving.errors import InputError
 from allinone.settings import EngineSettings
 
 log = logging.getLogger(__name__)
@@ -150,7 +150,7 @@ class LlamaCppBackend(Backend):
         rt = self._runtime()
         bad = [t for t in tokens if not 0 <= t < rt.n_vocab]
         if bad:
-            raise ParamError(
+            raise InputError(
                 f"token id {bad[0]} is outside the vocabulary (0..{rt.n_vocab - 1})", "tokens"
             )
         # Control tokens as their text (llama.cpp's server and vLLM do the same): a client
@@ -219,7 +219,7 @@ class LlamaCppBackend(Backend):
 
     def score_branches(self, prompt: Prompt, branches: list[ScoreBranch]) -> RequestHandle:
         if not branches:
-            raise ValueError("a branch request needs at least one branch")
+            raise InputError("a branch request needs at least one branch")
         specs = [self._branch(b, f"branch {k}: a label") for k, b in enumerate(branches)]
         worst = max(specs, key=lambda b: b.cells_needed)
         req = self._request("score", prompt, 1)
@@ -232,7 +232,7 @@ class LlamaCppBackend(Backend):
             )
         pool = KVLayout.of(self.settings).n_scratch
         if any(b.seqs_needed > pool for b in specs):
-            raise ValueError(
+            raise InputError(
                 f"a question's labels start in more than {pool} different ways; use labels of "
                 "one token or labels that share their first tokens"
             )
@@ -244,7 +244,7 @@ class LlamaCppBackend(Backend):
         rt = self._runtime()
         labels = [rt.tokenize(label, special=False) for label in branch.labels]
         if not labels or any(not t for t in labels):
-            raise ValueError(f"{what} is empty after tokenization")
+            raise InputError(f"{what} is empty after tokenization")
         if branch.end_turn:
             labels = [[*t, self._end_of_turn()] for t in labels]
         return Branch(tuple(self._tokens(branch.suffix)), labels)
@@ -252,7 +252,7 @@ class LlamaCppBackend(Backend):
     def _end_of_turn(self) -> int:
         """The token the chat template writes after an assistant reply (``<|im_end|>`` for
         ChatML), found once by rendering a reply: the first end-of-generation token of the
-        markup after it. Raises ValueError for a template that writes none."""
+        markup after it. Raises InputError (``x_strategy``) for a template that writes none."""
         if self._eot is None:
             rt = self._runtime()
             assert self._template is not None  # loaded, as _runtime() checked
@@ -264,9 +264,10 @@ class LlamaCppBackend(Backend):
             after = "".join(seg.text for seg in segs[last + 1 :])
             eog = [t for t in rt.tokenize(after, special=True) if rt.is_eog(t)]
             if not eog:
-                raise ValueError(
+                raise InputError(
                     "this model's chat template ends a reply without an end-of-generation "
-                    "token; ask with x_strategy codes"
+                    "token; ask with x_strategy codes",
+                    param="x_strategy",
                 )
             self._eot = eog[0]
         return self._eot
@@ -279,7 +280,7 @@ class LlamaCppBackend(Backend):
         rt = self._runtime()
         bad = [t for t in params.logit_bias if not 0 <= t < rt.n_vocab]
         if bad:
-            raise ParamError(
+            raise InputError(
                 f"token id {bad[0]} is outside this model's vocabulary (0..{rt.n_vocab - 1}); "
                 "POST /tokenize gives the ids of a text",
                 "logit_bias",
@@ -295,7 +296,7 @@ class LlamaCppBackend(Backend):
         if n == 1:
             return [self.generate(prompt, params)]
         if not 1 <= n <= self.settings.parallel:
-            raise ParamError(
+            raise InputError(
                 f"n={n}: this server runs {self.settings.parallel} sequences at once "
                 "(ALLINONE_PARALLEL), so n is at most that",
                 "n",
@@ -321,7 +322,7 @@ class LlamaCppBackend(Backend):
 
         A generation whose prompt has no tokens (an empty /v1/completions prompt) starts from
         the model's BOS token, as OpenAI's and llama.cpp's servers generate from the start of
-        a document; ParamError (``prompt``) when the model has none, or for a scoring request
+        a document; InputError (``prompt``) when the model has none, or for a scoring request
         (there is nothing to score after)."""
         prefix = self._prefix(prompt)
         body = self._tokens(prompt.body)
@@ -329,7 +330,7 @@ class LlamaCppBackend(Backend):
             bos = self._runtime().bos_id() if kind == "generate" else -1
             if bos < 0:
                 why = "this model has no BOS token to start from" if kind == "generate" else ""
-                raise ParamError(
+                raise InputError(
                     f"the prompt has no tokens{'; ' + why if why else ''}; send some text",
                     "prompt",
                 )

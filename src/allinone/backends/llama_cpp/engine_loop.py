@@ -58,7 +58,6 @@ from allinone.backends.base import (
     EngineOverloadedError,
     Finished,
     FinishReason,
-    ParamError,
     RequestHandle,
     Usage,
 )
@@ -74,6 +73,7 @@ from allinone.backends.llama_cpp.sampling import (
     token_logprob,
 )
 from allinone.backends.llama_cpp.sequences import SequencePools
+from allinone.serving.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -141,10 +141,10 @@ class EngineLoop:
         self._thread.start()
 
     def submit(self, req: Request) -> RequestHandle:
-        """Queue a request; EngineOverloadedError when the wait queue is full, ParamError
+        """Queue a request; EngineOverloadedError when the wait queue is full, InputError
         (``prompt``) for a request with no prompt tokens (there would be no logits to read)."""
         if not req.prompt:
-            raise ParamError("the prompt has no tokens; send some text", "prompt")
+            raise InputError("the prompt has no tokens; send some text", "prompt")
         if not self.alive:
             if self.crash:
                 raise EngineDeadError(f"the engine loop has stopped ({self.crash})")
@@ -635,6 +635,7 @@ class EngineLoop:
             if at >= 0:
                 req.text = req.text[:at]
                 req.decoder.reset()  # bytes after the stop string are not part of the reply
+                req.stop_sequence = s
                 self._end(req, reason="stop")
                 return
         if p.max_chars is not None and len(req.text) >= p.max_chars:
@@ -751,4 +752,4 @@ class EngineLoop:
             if req.params.logprobs:
                 self._emit_logprobs(req, final=True)
                 logprobs = list(req.logprobs_sent)
-        req.handle.finish(Finished(reason, usage, result, logprobs))
+        req.handle.finish(Finished(reason, usage, result, logprobs, req.stop_sequence))

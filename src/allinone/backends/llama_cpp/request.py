@@ -162,6 +162,7 @@ class Request:
     n_generated: int = 0
     text: str = ""
     n_emitted: int = 0
+    stop_sequence: str | None = None  # the stop string that ended the reply
     decoder: codecs.IncrementalDecoder | None = None
     rng: np.random.Generator | None = None
     matcher: TokenMatcher | None = None  # the grammar's parser state, when constrained
