@@ -799,7 +799,7 @@ class DecisionService:
 
     def __init__(self, tasks_service, strategy: Strategy | None = None) -> None:
         self.service = tasks_service
-        whole = getattr(tasks_service.backend, "supports_answer_scoring", False)
+        whole = "answer_scoring" in tasks_service.backend.capabilities
         own: dict[str, str] = getattr(tasks_service, "decision_strategy", None) or {}
         # per question kind, where the model's own strategy says so (same reading: one prefix)
         self.by_kind: dict[str, Strategy] = {}

@@ -223,7 +223,7 @@ def test_a_models_own_strategy_can_differ_per_question_kind():
     from allinone.decisions import DecisionService
     from allinone.models.catalog import CATALOG
 
-    backend = SimpleNamespace(supports_answer_scoring=True, name="llama_cpp")
+    backend = SimpleNamespace(capabilities=frozenset({"answer_scoring"}), name="llama_cpp")
     tasks = SimpleNamespace(
         backend=backend, decision_strategy={"*": "cloze+prior", "predicate": "cloze"}
     )
@@ -237,7 +237,7 @@ def test_a_models_own_strategy_can_differ_per_question_kind():
     # falls back to the codes default
     assert DecisionService(tasks, Strategy("codes")).strategy_for(yes_no).name == "codes"
     plain = SimpleNamespace(
-        backend=SimpleNamespace(supports_answer_scoring=False, name="x"),
+        backend=SimpleNamespace(capabilities=frozenset(), name="x"),
         decision_strategy=tasks.decision_strategy,
     )
     assert DecisionService(plain).strategy_for(choice) == Strategy(

@@ -75,7 +75,7 @@ class ChatOptions:
 
 
 def _require(backend: Backend, feature: str, param: str) -> None:
-    if feature not in backend.generation_features:
+    if feature not in backend.capabilities:
         raise InvalidRequestError(
             f"the {backend.name} backend does not support {param}; remove it", param=param
         )

@@ -8,7 +8,9 @@ import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
+
+from fastapi import Depends, Request
 
 from allinone.backends.base import Backend
 from allinone.cpu_budget import cpu_budget
@@ -335,3 +337,13 @@ async def _until_disconnect(request: Any) -> None:
         message = await request.receive()
         if message["type"] == "http.disconnect":
             return
+
+
+def server_state(request: Request) -> ServerState:
+    """The app's ServerState (a FastAPI dependency)."""
+    state: ServerState = request.app.state.server
+    return state
+
+
+Server = Annotated[ServerState, Depends(server_state)]
+"""A route parameter typed ``Server`` receives the app's ServerState."""

@@ -80,7 +80,7 @@ class ScoreBranch:
     labels: tuple[str, ...]
     # each label is read as the whole reply: followed by the end-of-turn token (so a label
     # that begins another does not take the longer one's probability); needs
-    # ``Backend.supports_answer_scoring``
+    # "answer_scoring" in ``Backend.capabilities``
     end_turn: bool = False
 
 
@@ -256,12 +256,13 @@ class Backend(ABC):
     """An engine that runs one loaded model for many concurrent requests."""
 
     name: ClassVar[str] = "base"
-    supports_streaming: ClassVar[bool] = True
-    supports_choice_scoring: ClassVar[bool] = True
-    # score_branches returns full-vocabulary log-probabilities of whole answers (labels of
-    # several tokens, ``ScoreBranch.end_turn``), comparable across branches: what the cloze
-    # reading of decisions needs
-    supports_answer_scoring: ClassVar[bool] = False
+    # What this engine can do beyond generating and scoring choices, the one capability
+    # mechanism: GenerationParams' optional features "grammar", "logit_bias", "penalties",
+    # "logprobs", "top_k", "min_p", "repetition_penalty" (a request that needs another gets a
+    # 400 naming its field), and "answer_scoring": score_branches returns full-vocabulary
+    # log-probabilities of whole answers (labels of several tokens, ``ScoreBranch.end_turn``),
+    # comparable across branches, which the cloze reading of decisions needs.
+    capabilities: ClassVar[frozenset[str]] = frozenset()
 
     @abstractmethod
     def load(self) -> None:
@@ -305,11 +306,6 @@ class Backend(ABC):
     def failure(self) -> str | None:
         """Why the engine stopped serving, once it has (None while it runs)."""
         return None
-
-    # Which of GenerationParams' optional features this engine honours: "grammar",
-    # "logit_bias", "penalties", "logprobs", "top_k", "min_p", "repetition_penalty". A request
-    # that needs another gets a 400 naming its field.
-    generation_features: ClassVar[frozenset[str]] = frozenset()
 
     def json_grammar(self, schema: dict[str, Any] | None) -> Any:
         """A compiled grammar for JSON valid under ``schema`` (None: any JSON object), for

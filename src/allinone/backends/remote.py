@@ -77,8 +77,6 @@ class OpenAIRemoteBackend(Backend):
     """A model served by another OpenAI-compatible server, behind this project's tasks and API."""
 
     name: ClassVar[str] = "openai"
-    supports_streaming: ClassVar[bool] = True
-    supports_choice_scoring: ClassVar[bool] = True
 
     def __init__(self, model: ModelSettings, engine: EngineSettings) -> None:
         if not model.upstream:

@@ -74,8 +74,6 @@ class TransformersBackend(Backend):
     """A causal LM in PyTorch (FP32 on CPU), one request at a time."""
 
     name: ClassVar[str] = "transformers"
-    supports_streaming: ClassVar[bool] = True
-    supports_choice_scoring: ClassVar[bool] = True
 
     def __init__(self, model_path: Path, engine: EngineSettings, model_id: str) -> None:
         self.model_path = Path(model_path)

@@ -19,7 +19,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.datastructures import UploadFile
 
 from allinone.api.dialects import dialect_router
-from allinone.api.state import ServerState
+from allinone.api.state import Server, ServerState
 from allinone.errors import ShuttingDownError
 from allinone.serving.errors import InputError
 from allinone.serving.scope import RequestScope
@@ -184,8 +184,7 @@ async def _transcribe(
     "/v1/audio/transcriptions",
     summary="Transcribe an audio file (OpenAI-compatible; needs --speech)",
 )
-async def transcriptions(request: Request):
-    state: ServerState = request.app.state.server
+async def transcriptions(request: Request, state: Server):
     deadline = time.monotonic() + state.settings.server.request_timeout_s
     speech = state.require_speech()
     fields, data = await _read_form(request, _TRANSCRIBE_FIELDS)
@@ -226,8 +225,7 @@ async def transcriptions(request: Request):
     summary="A voice note: transcribe it, then run an extract task (default voice-note: emotion "
     "with probabilities and a summary) on the transcript (needs --speech)",
 )
-async def summaries(request: Request) -> JSONResponse:
-    state: ServerState = request.app.state.server
+async def summaries(request: Request, state: Server) -> JSONResponse:
     t0 = time.perf_counter()
     deadline = time.monotonic() + state.settings.server.request_timeout_s
     speech = state.require_speech()

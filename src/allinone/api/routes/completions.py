@@ -24,6 +24,7 @@ from allinone.api.protocol import (
     Text,
     UsageInfo,
 )
+from allinone.api.state import Server
 from allinone.backends.base import GenerationParams, Prompt, Segment
 from allinone.errors import envelope, to_api_error
 from allinone.serving.errors import InputError
@@ -102,8 +103,7 @@ def _legacy_logprobs(entries, offset: int = 0) -> dict:
 
 
 @router.post("/v1/completions", summary="OpenAI legacy text completions (stream with SSE)")
-async def completions(body: CompletionRequest, request: Request):
-    state = request.app.state.server
+async def completions(body: CompletionRequest, request: Request, state: Server):
     service = state.require_service()
     backend = service.backend
     if resolve_model(service, body.model) is not None:
@@ -113,7 +113,7 @@ async def completions(body: CompletionRequest, request: Request):
             param="model",
         )
     request.state.task = "model"
-    params = _params(body, backend.generation_features)
+    params = _params(body, backend.capabilities)
     text = body.prompt if isinstance(body.prompt, str) else body.prompt[0]
     scope = RequestScope(state, request, "the completion", input_param="prompt")
     (handle,) = scope.add([backend.generate(Prompt((), (Segment(text, special=True),)), params)])
@@ -192,8 +192,8 @@ class DetokenizeRequest(NoEffectFields):
 
 
 @router.post("/tokenize", summary="Token ids of a text (llama.cpp / vLLM shape)")
-async def tokenize(body: TokenizeRequest, request: Request) -> dict:
-    backend = request.app.state.server.require_service().backend
+async def tokenize(body: TokenizeRequest, state: Server) -> dict:
+    backend = state.require_service().backend
     text = body.content if body.content is not None else body.prompt
     assert text is not None
     ids = backend.tokenize(text, special=body.add_special)
@@ -209,7 +209,7 @@ class _Detokenized(BaseModel):
 
 
 @router.post("/detokenize", summary="The text of token ids (llama.cpp / vLLM shape)")
-async def detokenize(body: DetokenizeRequest, request: Request) -> _Detokenized:
-    backend = request.app.state.server.require_service().backend
+async def detokenize(body: DetokenizeRequest, state: Server) -> _Detokenized:
+    backend = state.require_service().backend
     text = backend.detokenize(body.tokens)
     return _Detokenized(content=text, prompt=text)

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from dataclasses import asdict
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from allinone.api.state import Server
 from allinone.cpu_budget import cpu_budget
 from allinone.errors import NotReadyError
 
@@ -15,8 +16,7 @@ router = APIRouter(tags=["health"])
 
 
 @router.get("/health", summary="Liveness: 200 while the process can serve; 503 once it cannot")
-async def health(request: Request):
-    state = request.app.state.server
+async def health(state: Server):
     if state.engine_dead:
         # The Kubernetes liveness probe `allinone deploy k8s` renders reads this: restart us.
         return JSONResponse(
@@ -32,8 +32,7 @@ async def health(request: Request):
 
 
 @router.get("/ready", summary="Readiness: 503 until the model is loaded, then 200")
-async def ready(request: Request) -> dict:
-    state = request.app.state.server
+async def ready(state: Server) -> dict:
     service = state.require_service(count=False)
     backend = service.backend
     if not backend.health():
@@ -49,6 +48,6 @@ async def ready(request: Request) -> dict:
 
 
 @router.get("/metrics", summary="Prometheus metrics (allinone_*)")
-async def metrics(request: Request) -> Response:
-    registry = request.app.state.server.metrics.registry
+async def metrics(state: Server) -> Response:
+    registry = state.metrics.registry
     return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)

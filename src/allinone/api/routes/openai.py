@@ -22,6 +22,7 @@ from allinone.api.protocol import (
     ModelList,
     ModelMetadata,
 )
+from allinone.api.state import Server
 from allinone.errors import envelope, to_api_error
 from allinone.serving.chat import (
     ChatServing,
@@ -38,8 +39,7 @@ router = dialect_router(tags=["openai"])
 
 
 @router.get("/v1/models", response_model=ModelList, summary="The loaded model and every task")
-async def list_models(request: Request) -> ModelList:
-    state = request.app.state.server
+async def list_models(state: Server) -> ModelList:
     service = state.require_service()
     cards = [ModelCard(id=service.backend.model_id, kind="model", description="the loaded model")]
     cards += [
@@ -64,8 +64,8 @@ async def list_models(request: Request) -> ModelList:
 
 
 @router.post("/v1/chat/completions", summary="OpenAI chat completions (stream with SSE)")
-async def chat_completions(body: ChatCompletionRequest, request: Request):
-    chat = ChatServing(request.app.state.server, request)
+async def chat_completions(body: ChatCompletionRequest, request: Request, state: Server):
+    chat = ChatServing(state, request)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         events = await chat.stream(body)

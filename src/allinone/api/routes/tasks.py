@@ -16,6 +16,7 @@ from allinone.api.protocol import (
     ExtractResponse,
     UsageInfo,
 )
+from allinone.api.state import Server
 from allinone.serving.errors import InputError
 from allinone.serving.scope import RequestScope
 
@@ -28,8 +29,7 @@ router = dialect_router(tags=["tasks"])
     response_model_exclude_none=True,
     summary="Classify one text or a list of texts with a classify task; labels are constrained",
 )
-async def classify(body: ClassifyRequest, request: Request) -> ClassifyResponse:
-    state = request.app.state.server
+async def classify(body: ClassifyRequest, request: Request, state: Server) -> ClassifyResponse:
     request.state.task = body.task
     service = state.require_service()
     texts = [body.input] if isinstance(body.input, str) else body.input
@@ -69,8 +69,7 @@ async def classify(body: ClassifyRequest, request: Request) -> ClassifyResponse:
     response_model=ExtractResponse,
     summary="Run an extract task (e.g. summarize): a JSON answer that always parses",
 )
-async def extract(body: ExtractRequest, request: Request) -> ExtractResponse:
-    state = request.app.state.server
+async def extract(body: ExtractRequest, request: Request, state: Server) -> ExtractResponse:
     request.state.task = body.task
     service = state.require_service()
     # Fields run one after another; cancelling stops the field in the engine.
@@ -91,8 +90,7 @@ async def extract(body: ExtractRequest, request: Request) -> ExtractResponse:
 
 
 @router.get("/v1/tasks", summary="Every task this server runs, with its kind and labels")
-async def list_tasks(request: Request) -> dict:
-    state = request.app.state.server
+async def list_tasks(state: Server) -> dict:
     return {
         "object": "list",
         "data": [

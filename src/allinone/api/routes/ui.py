@@ -8,10 +8,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter
 from fastapi.responses import HTMLResponse
 
 from allinone import __version__
+from allinone.api.state import Server
 
 UI_DIR = Path(__file__).resolve().parent.parent / "ui"
 
@@ -25,8 +26,7 @@ async def page() -> HTMLResponse:
 
 
 @router.get("/ui/config", summary="What the web page needs first: whether a key is required")
-async def ui_config(request: Request) -> dict:
-    state = request.app.state.server
+async def ui_config(state: Server) -> dict:
     return {
         "auth_required": bool(state.api_keys),
         "model": state.backend.model_id if state.backend is not None else None,
@@ -39,6 +39,6 @@ async def ui_config(request: Request) -> dict:
     summary="The last hour of RSS, RssAnon + VmSwap, queue depth, active sequences, generated "
     "tokens/s and API requests/s, one point per memory sample (oldest first)",
 )
-async def health_history(request: Request) -> dict:
-    history = request.app.state.server.history
+async def health_history(state: Server) -> dict:
+    history = state.history
     return history.to_dict() if history is not None else {"points": []}

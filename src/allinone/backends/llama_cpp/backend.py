@@ -36,10 +36,7 @@ class LlamaCppBackend(Backend):
     """Runs a GGUF model with llama.cpp: one context, many sequences, one engine thread."""
 
     name: ClassVar[str] = "llama_cpp"
-    supports_streaming: ClassVar[bool] = True
-    supports_choice_scoring: ClassVar[bool] = True
-    supports_answer_scoring: ClassVar[bool] = True
-    generation_features: ClassVar[frozenset[str]] = frozenset(
+    capabilities: ClassVar[frozenset[str]] = frozenset(
         {
             "grammar",
             "logit_bias",
@@ -48,6 +45,7 @@ class LlamaCppBackend(Backend):
             "top_k",
             "min_p",
             "repetition_penalty",
+            "answer_scoring",
         }
     )
 
