@@ -15,14 +15,17 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from allinone.serving.errors import InputError
+
 SAMPLE_RATE = 16_000  # Whisper's input rate (Hz)
 
 
-class AudioError(ValueError):
-    """The upload is not audio we can decode, or breaks a limit; the message says which."""
+class AudioError(InputError):
+    """The upload (field ``file``) is not audio we can decode (``invalid_audio``), or is longer
+    than the limit (``audio_too_long``); the message says which."""
 
     def __init__(self, message: str, too_long: bool = False) -> None:
-        super().__init__(message)
+        super().__init__(message, "file", code="audio_too_long" if too_long else "invalid_audio")
         self.too_long = too_long
 
 

@@ -25,7 +25,7 @@ from allinone.serving.errors import InputError
 from allinone.serving.scope import RequestScope
 from allinone.serving.speech import require_speech, voice_note, voice_note_task
 from allinone.speech import formats
-from allinone.speech.audio import AudioError, check_duration
+from allinone.speech.audio import check_duration
 from allinone.speech.transcriber import TranscribeOptions, Transcript, TranscriptionCancelled
 from allinone.speech.worker import SpeechWorker
 
@@ -151,11 +151,6 @@ def _options(
     )
 
 
-def _audio_error(exc: AudioError) -> InputError:
-    code = "audio_too_long" if exc.too_long else "invalid_audio"
-    return InputError(str(exc), param="file", code=code)
-
-
 async def _transcribe(
     state: ServerState,
     speech: SpeechWorker,
@@ -165,10 +160,7 @@ async def _transcribe(
     deadline: float,
 ) -> Transcript:
     limit = state.settings.speech.speech_max_duration_s
-    try:
-        check_duration(data, limit)  # before any work is queued
-    except AudioError as exc:
-        raise _audio_error(exc) from exc
+    check_duration(data, limit)  # before any work is queued
     job = speech.submit(data, options, limit)
     try:
         return await state.bounded(
@@ -176,8 +168,6 @@ async def _transcribe(
         )
     except TranscriptionCancelled as exc:  # the worker was closed under it: shutting down
         raise ShuttingDownError(f"the transcription was stopped: {exc}") from exc
-    except AudioError as exc:  # found as the audio was decoded: the file is the fault
-        raise _audio_error(exc) from exc
 
 
 @router.post(
