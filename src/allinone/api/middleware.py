@@ -79,7 +79,8 @@ class APIKeyMiddleware:
         if self.on_reject is not None:
             self.on_reject()
         err = AuthenticationError(
-            "missing or wrong API key: send the header 'Authorization: Bearer <key>'",
+            "missing or wrong API key: send the header 'Authorization: Bearer <key>' "
+            "(or 'x-api-key: <key>')",
             # close: the body is never read, and a connection kept open would make the server
             # read and drop whatever the client goes on sending
             headers={"WWW-Authenticate": "Bearer", "Connection": "close"},
