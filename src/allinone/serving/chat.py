@@ -189,7 +189,8 @@ class ChatServing:
         names = prep.extra.tool_names
         choices = []
         for i, finished in enumerate(done):
-            content, calls, reason = finished.result, [], finished.reason
+            content, reason = finished.result, str(finished.reason)
+            calls: list[ToolCall] = []
             if names is not None:
                 content, calls = parse_tool_calls(finished.result, names, prep.max_calls)
                 if calls:
@@ -242,6 +243,7 @@ class ChatServing:
                         if kind == "content":
                             yield ContentDelta(index, value, _take(pending))
                         else:
+                            assert isinstance(value, ToolCall)
                             yield ToolCallEvent(index, n_calls, value)
                             n_calls += 1
                     if isinstance(event, Done):
