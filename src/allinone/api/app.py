@@ -18,7 +18,17 @@ from allinone.api.middleware import (
     MetricsMiddleware,
     SecurityHeadersMiddleware,
 )
-from allinone.api.routes import audio, completions, decisions, health, openai, tasks, ui
+from allinone.api.routes import (
+    audio,
+    completions,
+    decisions,
+    health,
+    messages,
+    openai,
+    responses,
+    tasks,
+    ui,
+)
 from allinone.api.state import ServerState
 from allinone.backends.base import Backend
 from allinone.errors import envelope, register_exception_handlers
@@ -102,6 +112,8 @@ def create_app(
         tasks.router,
         *decisions.routers,
         audio.router,
+        responses.router,
+        messages.router,
     )
     public_routers = (health.router, ui.router)
     for router in public_routers:
