@@ -3,7 +3,7 @@ texts: the table in docs/decision-accuracy.md.
 
 Each cell is one ``allinone eval ... --json`` run (a fresh process: the running prior starts
 empty and learns from the file's earlier rows, as a server would from its traffic). Sets: the
-dev samples under ``../shared/data`` (see their READMEs for sources and licences).
+dev samples under ``../shared/data`` (sources and licences: docs/data.md).
 
 Run: `.venv/bin/python benchmarks/bench_decision_accuracy.py --model default --limit 100
 [--strategies codes,cloze+prior] [--sets emotion-en,routing] [--out DIR]`; runs whose JSON is

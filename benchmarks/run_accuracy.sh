@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Accuracy figures for the README: calibrate on dev_clean (never on test), then evaluate.
+# Accuracy figures for docs/benchmarks.md: calibrate on dev_clean (never on test), then evaluate.
 # Writes one JSON per run under bench-results/accuracy/. FULL=1 runs every set in full (about
 # two hours on 2 cores); the default runs the headline sets and samples of the others.
 set -euo pipefail
