@@ -340,3 +340,33 @@ def test_x_api_key_and_bearer_keys(tiny_server):
     ):
         c.messages.count_tokens(model="m", messages=_ask("Hi"))
     assert err.value.body["error"]["type"] == "authentication_error"
+
+
+def test_error_types_and_statuses_are_anthropic_s():
+    import allinone.api  # noqa: F401 - the app first: a serving module cannot be imported first
+    from allinone.errors import (
+        GatewayTimeoutError,
+        InvalidRequestError,
+        NotReadyError,
+        OverloadedError,
+        PayloadTooLargeError,
+    )
+    from allinone.serving.messages import ANTHROPIC
+
+    full = OverloadedError("the wait queue is full", headers={"Retry-After": "2"})
+    r = ANTHROPIC.response(full)
+    assert r.status_code == 529 and r.headers["retry-after"] == "2"
+    assert json.loads(r.body)["error"]["type"] == "overloaded_error"
+    loading = ANTHROPIC.response(NotReadyError("the model is loading"))
+    assert loading.status_code == 503
+    assert json.loads(loading.body)["error"]["type"] == "overloaded_error"
+    for err, status, kind in [
+        (GatewayTimeoutError("too slow"), 504, "timeout_error"),
+        (PayloadTooLargeError("too big"), 413, "invalid_request_error"),
+        (InvalidRequestError("bad", param="tools.0.name"), 400, "invalid_request_error"),
+    ]:
+        r = ANTHROPIC.response(err)
+        body = json.loads(r.body)
+        assert r.status_code == status and body["type"] == "error"
+        assert body["error"]["type"] == kind
+    assert body["error"]["message"] == "tools.0.name: bad"
