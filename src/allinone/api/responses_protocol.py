@@ -235,6 +235,7 @@ Includable = Literal[
     "message.output_text.logprobs",
 ]
 LOGPROBS = "message.output_text.logprobs"
+_STATELESS = "Nothing is stored (the server is stateless)"
 
 # OpenAI's limits: 16 pairs, keys up to 64 characters, values up to 512.
 Metadata = dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]]
@@ -284,17 +285,17 @@ class ResponsesRequest(BaseModel):
     prompt_cache_retention: Literal["in_memory", "24h"] | None = None
     service_tier: Text | None = None
     # Refused by name when set (``allinone.serving.responses.REFUSED`` says why).
-    store: bool | None = None
-    background: bool | None = None
-    reasoning: Any = None
-    previous_response_id: Any = None
-    conversation: Any = None
-    prompt: Any = None
-    context_management: Any = None
-    moderation: Any = None
-    prompt_cache_options: Any = None
-    image: Any = None
-    access_programs: Any = None
+    store: bool | None = Field(None, description=f"{_STATELESS}: true is refused")
+    background: bool | None = Field(None, description=f"{_STATELESS}: true is refused")
+    reasoning: Any = Field(None, description="Refused: the served model does not reason")
+    previous_response_id: Any = Field(None, description=f"{_STATELESS}: refused")
+    conversation: Any = Field(None, description=f"{_STATELESS}: refused")
+    prompt: Any = Field(None, description="Refused: no stored prompt templates")
+    context_management: Any = Field(None, description=f"{_STATELESS}: refused")
+    moderation: Any = Field(None, description="Refused: no moderation model")
+    prompt_cache_options: Any = Field(None, description="Refused: the cache takes no options")
+    image: Any = Field(None, description="Refused: no image model")
+    access_programs: Any = Field(None, description="Refused")
 
 
 # -- response --------------------------------------------------------------------------------
