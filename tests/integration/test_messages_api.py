@@ -370,3 +370,27 @@ def test_error_types_and_statuses_are_anthropic_s():
         assert r.status_code == status and body["type"] == "error"
         assert body["error"]["type"] == kind
     assert body["error"]["message"] == "tools.0.name: bad"
+
+
+def test_a_failure_mid_stream_ends_it_with_an_error_event(tiny_server):
+    srv = tiny_server(ALLINONE_REQUEST_TIMEOUT_S="0.5")
+    body = {
+        "model": "m",
+        "max_tokens": 4000,
+        "stream": True,
+        "messages": _ask("Write a very long story."),
+    }
+    with httpx.stream("POST", f"{srv.url}/v1/messages", json=body, timeout=60) as r:
+        assert r.status_code == 200
+        frames = _frames(r)
+    assert frames[0][0] == "message_start"
+    event, data = frames[-1]
+    assert event == "error" and data["type"] == "error"
+    assert data["error"]["type"] == "timeout_error"
+    assert "message_stop" not in [e for e, _ in frames]
+    # the SDK raises it
+    with anthropic.Anthropic(base_url=srv.url, api_key="x", max_retries=0, timeout=60) as c:
+        stream = c.messages.create(**body)
+        with pytest.raises(anthropic.APIStatusError) as err:
+            list(stream)
+    assert err.value.body["error"]["type"] == "timeout_error"

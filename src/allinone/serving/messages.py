@@ -376,8 +376,6 @@ def _refuse_block(block: Any, at: str, what: str) -> NoReturn:
         reason = f"{kind} blocks come from the assistant: send them in an assistant message"
     elif kind == "tool_result":
         reason = "tool_result blocks go in a user message, after the assistant's tool_use"
-    elif kind == "text":
-        reason = "unexpected text block"  # (never: text goes everywhere)
     else:
         raise InputError(
             f"content blocks of type {kind!r} are not supported here; send text, tool_use "
