@@ -236,10 +236,9 @@ def _items_to_messages(items: list, messages: list[dict[str, Any]], origins: lis
 
 
 def _message_text(item: InputMessage, where: str) -> str:
-    if isinstance(item.content, str):
-        return item.content
-    kinds = ("output_text", "refusal") if item.role == "assistant" else ("input_text",)
-    return _parts_text(item.content, f"{where}.content", kinds)
+    # Any text part in any role: the SDK's easy message takes input_text parts for every role,
+    # and an earlier response's message comes back with output_text (or refusal) parts.
+    return _parts_text(item.content, f"{where}.content", _TEXT_PARTS)
 
 
 def _parts_text(content: str | list, where: str, kinds: tuple[str, ...]) -> str:
@@ -250,10 +249,10 @@ def _parts_text(content: str | list, where: str, kinds: tuple[str, ...]) -> str:
     texts = []
     for j, part in enumerate(content):
         if part.type not in kinds:
-            what = "images, files and audio" if part.type not in _TEXT_PARTS else "this message"
+            why = "" if part.type in _TEXT_PARTS else " (the served model reads text only)"
             raise InputError(
-                f"content parts of type {part.type!r} are not supported in {what}: send "
-                f"{' or '.join(kinds)} parts (the served model reads text only)",
+                f"content parts of type {part.type!r} are not supported here{why}: send "
+                f"{' or '.join(kinds)} parts",
                 param=f"{where}.{j}.type",
             )
         if isinstance(part, (InputTextPart, OutputTextPart)):
