@@ -170,7 +170,7 @@ def api_error_for(exc: BaseException, request: Request) -> APIError:
     state = getattr(request.app.state, "server", None)
     if isinstance(exc, EngineOverloadedError) and state is not None:
         state.metrics.rejected.labels("queue_full").inc()
-        err = OverloadedError(str(exc), headers=state.retry_after())
+        err = OverloadedError(str(exc), headers=state.admission.retry_after())
         if state.settings.server.overload_status == 429:
             err.status, err.type, err.code = 429, "rate_limit_error", "rate_limited"
         return err

@@ -66,7 +66,7 @@ def test_ready_is_503_until_loaded_then_200():
         assert r.status_code == 503
         gate.set()
         app_state = client.app.state.server
-        assert app_state.ready.wait(5)
+        assert app_state.lifecycle.ready.wait(5)
         assert client.get("/ready").status_code == 200
 
 
@@ -76,7 +76,7 @@ def test_failed_load_is_reported_by_ready():
     with TestClient(make(gate, fail=True)) as client:
         state = client.app.state.server
         for _ in range(50):
-            if state.load_error:
+            if state.lifecycle.load_error:
                 break
             threading.Event().wait(0.05)
         r = client.get("/ready")

@@ -74,10 +74,10 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        state.bind_loop()
+        state.admission.bind_loop()
         if state.sampler is not None:
             state.sampler.start()
-        loader = threading.Thread(target=state.load, name="allinone-load", daemon=True)
+        loader = threading.Thread(target=state.lifecycle.load, name="allinone-load", daemon=True)
         loader.start()
         if not load_in_background:
             loader.join()

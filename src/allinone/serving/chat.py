@@ -116,7 +116,7 @@ class ChatServing:
     def __init__(self, state: ServerState, request: Any = None) -> None:
         self.state = state
         self.request = request
-        self.service: TaskService = state.require_service()
+        self.service: TaskService = state.admission.require_service()
 
     def scope(self, what: str = "the reply") -> RequestScope:
         """A scope for this request's engine work."""

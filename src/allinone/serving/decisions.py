@@ -215,7 +215,7 @@ async def _decide(
     state = request.app.state.server
     limits = state.settings.server
     parsed = Strategy.parse(strategy) if strategy is not None else None
-    service = DecisionService(state.require_service(), parsed)
+    service = DecisionService(state.admission.require_service(), parsed)
     n, most = len(questions), limits.decision_max_questions
     if not 1 <= n <= most:
         raise InputError(
@@ -242,7 +242,7 @@ async def _decide(
 async def openai_decisions(body: DecisionRequest, request: Request) -> DecisionResponse:
     """OpenAI's decisions: ``input`` (a string or items) and typed questions, answers in order."""
     request.state.input_param = "input"
-    service = request.app.state.server.require_service()
+    service = request.app.state.server.admission.require_service()
     resolve_model(service, body.model, tasks=False, aliases=MODEL_ALIASES)
     questions = _openai_questions(body, request.app.state.server.settings.server)
     result = await _decide(
@@ -264,7 +264,7 @@ async def task_decision(body: TaskDecisionRequest, request: Request) -> TaskDeci
     """A decide task: its named questions about ``input``."""
     request.state.task = body.task
     request.state.input_param = "input"
-    service = request.app.state.server.require_service()
+    service = request.app.state.server.admission.require_service()
     task = service.tasks.get(body.task)
     if task.kind != "decide":
         raise InputError(f"task {body.task!r} is a {task.kind} task, not a decide task", "task")
@@ -286,7 +286,7 @@ async def systemone(body: SystemOneRequest, request: Request) -> SystemOneRespon
     """TypeSafe's System One: questions keyed by id about ``state``."""
     request.state.input_param = "state"
     state = request.app.state.server
-    service = state.require_service()
+    service = state.admission.require_service()
     resolve_model(service, body.model, tasks=False, aliases=MODEL_ALIASES)
     if body.assets:
         raise InputError(

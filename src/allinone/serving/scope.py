@@ -77,7 +77,9 @@ class RequestScope:
     async def run(self, work: Awaitable[T], what: str | None = None) -> T:
         """Await ``work`` within the scope's bounds: 504 past the deadline, 503 at the drain
         deadline, 499 when the client hangs up (``ServerState.bounded``)."""
-        return await self.state.bounded(work, what or self.what, self.deadline, self.request)
+        return await self.state.admission.bounded(
+            work, what or self.what, self.deadline, self.request
+        )
 
     async def wait_all(self, handles: list[RequestHandle] | None = None) -> list[Finished]:
         """Every handle's Finished (default: all added), in order, within the bounds."""
@@ -87,7 +89,7 @@ class RequestScope:
     async def events(self, handle: RequestHandle) -> AsyncIterator[EngineEvent]:
         """``handle``'s events, typed, each wait within the scope's deadline and drain (a
         stream's client hang-up ends the response generator instead)."""
-        async for kind, value in self.state.bounded_iter(
+        async for kind, value in self.state.admission.bounded_iter(
             handle.aevents(), self.what, self.deadline
         ):
             if kind == "text":

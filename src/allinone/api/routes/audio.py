@@ -163,7 +163,7 @@ async def _transcribe(
     check_duration(data, limit)  # before any work is queued
     job = speech.submit(data, options, limit)
     try:
-        return await state.bounded(
+        return await state.admission.bounded(
             speech.result(job), "the transcription", deadline=deadline, request=request
         )
     except TranscriptionCancelled as exc:  # the worker was closed under it: shutting down
@@ -176,7 +176,7 @@ async def _transcribe(
 )
 async def transcriptions(request: Request, state: Server):
     deadline = time.monotonic() + state.settings.server.request_timeout_s
-    speech = state.require_speech()
+    speech = state.admission.require_speech()
     fields, data = await _read_form(request, _TRANSCRIBE_FIELDS)
     response_format = (_text(fields, "response_format") or "json").strip()
     if response_format not in formats.RESPONSE_FORMATS:
@@ -218,14 +218,14 @@ async def transcriptions(request: Request, state: Server):
 async def summaries(request: Request, state: Server) -> JSONResponse:
     t0 = time.perf_counter()
     deadline = time.monotonic() + state.settings.server.request_timeout_s
-    speech = state.require_speech()
+    speech = state.admission.require_speech()
     fields, data = await _read_form(request, _SUMMARY_FIELDS)
     task = voice_note_task(state.tasks, _text(fields, "task"))
     request.state.task = task.name
     options = _options(speech, fields)
     transcript = await _transcribe(state, speech, request, data, options, deadline)
     heard = time.perf_counter()
-    service = state.require_service()
+    service = state.admission.require_service()
     scope = RequestScope(state, request, "the voice note's task", input_param="file")
     scope.deadline = deadline
     result = await scope.run(service.extract_async(task.name, require_speech(transcript)))

@@ -104,7 +104,7 @@ def _legacy_logprobs(entries, offset: int = 0) -> dict:
 
 @router.post("/v1/completions", summary="OpenAI legacy text completions (stream with SSE)")
 async def completions(body: CompletionRequest, request: Request, state: Server):
-    service = state.require_service()
+    service = state.admission.require_service()
     backend = service.backend
     if resolve_model(service, body.model) is not None:
         raise InputError(
@@ -193,7 +193,7 @@ class DetokenizeRequest(NoEffectFields):
 
 @router.post("/tokenize", summary="Token ids of a text (llama.cpp / vLLM shape)")
 async def tokenize(body: TokenizeRequest, state: Server) -> dict:
-    backend = state.require_service().backend
+    backend = state.admission.require_service().backend
     text = body.content if body.content is not None else body.prompt
     assert text is not None
     ids = backend.tokenize(text, special=body.add_special)
@@ -210,6 +210,6 @@ class _Detokenized(BaseModel):
 
 @router.post("/detokenize", summary="The text of token ids (llama.cpp / vLLM shape)")
 async def detokenize(body: DetokenizeRequest, state: Server) -> _Detokenized:
-    backend = state.require_service().backend
+    backend = state.admission.require_service().backend
     text = backend.detokenize(body.tokens)
     return _Detokenized(content=text, prompt=text)

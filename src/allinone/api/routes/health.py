@@ -17,33 +17,37 @@ router = APIRouter(tags=["health"])
 
 @router.get("/health", summary="Liveness: 200 while the process can serve; 503 once it cannot")
 async def health(state: Server):
-    if state.engine_dead:
+    if state.lifecycle.engine_dead:
         # The Kubernetes liveness probe `allinone deploy k8s` renders reads this: restart us.
         return JSONResponse(
             {
                 "status": "dead",
                 "ready": False,
-                "draining": state.draining,
-                "error": state.fatal_error,
+                "draining": state.admission.draining,
+                "error": state.lifecycle.fatal_error,
             },
             status_code=503,
         )
-    return {"status": "ok", "ready": state.ready.is_set(), "draining": state.draining}
+    return {
+        "status": "ok",
+        "ready": state.lifecycle.ready.is_set(),
+        "draining": state.admission.draining,
+    }
 
 
 @router.get("/ready", summary="Readiness: 503 until the model is loaded, then 200")
 async def ready(state: Server) -> dict:
-    service = state.require_service(count=False)
+    service = state.admission.require_service(count=False)
     backend = service.backend
     if not backend.health():
         raise NotReadyError("the engine is not running", code="engine_dead")
     return {
         "status": "ready",
         "model": backend.model_id,
-        "speech_model": state.speech.transcriber.name if state.speech else None,
-        "load_seconds": state.load_seconds,
+        "speech_model": state.lifecycle.speech.transcriber.name if state.lifecycle.speech else None,
+        "load_seconds": state.lifecycle.load_seconds,
         "threads": {"count": state.settings.engine.threads, "default": asdict(cpu_budget())},
-        "engine": state.engine_stats(),
+        "engine": state.lifecycle.engine_stats(),
     }
 
 

@@ -40,7 +40,7 @@ router = dialect_router(tags=["openai"])
 
 @router.get("/v1/models", response_model=ModelList, summary="The loaded model and every task")
 async def list_models(state: Server) -> ModelList:
-    service = state.require_service()
+    service = state.admission.require_service()
     cards = [ModelCard(id=service.backend.model_id, kind="model", description="the loaded model")]
     cards += [
         ModelCard(

@@ -31,7 +31,7 @@ router = dialect_router(tags=["tasks"])
 )
 async def classify(body: ClassifyRequest, request: Request, state: Server) -> ClassifyResponse:
     request.state.task = body.task
-    service = state.require_service()
+    service = state.admission.require_service()
     texts = [body.input] if isinstance(body.input, str) else body.input
     if not texts:
         raise InputError("input is an empty list: send at least one text", param="input")
@@ -71,7 +71,7 @@ async def classify(body: ClassifyRequest, request: Request, state: Server) -> Cl
 )
 async def extract(body: ExtractRequest, request: Request, state: Server) -> ExtractResponse:
     request.state.task = body.task
-    service = state.require_service()
+    service = state.admission.require_service()
     # Fields run one after another; cancelling stops the field in the engine.
     scope = RequestScope(state, request, "extraction", input_param="input")
     result = await scope.run(service.extract_async(body.task, body.input))

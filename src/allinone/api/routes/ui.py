@@ -29,7 +29,7 @@ async def page() -> HTMLResponse:
 async def ui_config(state: Server) -> dict:
     return {
         "auth_required": bool(state.api_keys),
-        "model": state.backend.model_id if state.backend is not None else None,
+        "model": state.lifecycle.backend.model_id if state.lifecycle.backend is not None else None,
         "version": __version__,
     }
 
