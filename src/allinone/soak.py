@@ -103,6 +103,8 @@ class SoakReport:
     plateau: bool = True
     completed: int = 0  # requests actually sent (fewer than `requests` if the budget ran out)
     stopped_early: str | None = None  # why the soak ended before `requests`, if it did
+    # the `allinone serve` flags of the server the soak started (None: it drove one at --url)
+    server_flags: list[str] | None = None
 
     def to_dict(self) -> dict:
         """JSON shape of the report."""

@@ -8,6 +8,7 @@ before pytest's timeout would kill it without a word (~110 s here on 2 EPYC core
 """
 
 import json
+import re
 
 import pytest
 
@@ -65,3 +66,54 @@ def test_short_soak_finds_no_growth_and_no_errors(tmp_path, tiny_model_path, cap
     assert report["slope_mb_per_10k"] <= 600, report["slope_mb_per_10k"]
     assert report["plateau"] is True
     assert rc == 0
+
+
+def test_soak_measures_the_engine_settings_it_was_given(tmp_path, tiny_model_path, capsys):
+    """`soak --parallel 8 --prompt-cache-mb 0` drives a server that runs 8 sequences and keeps
+    no finished chat in host memory, not one with the defaults (4 sequences, 128 MB)."""
+    out = tmp_path / "soak"
+    rc = main(
+        [
+            "soak",
+            "--model",
+            str(tiny_model_path),
+            "--parallel",
+            "8",
+            "--prompt-cache-mb",
+            "0",
+            "--threads",
+            "2",
+            "--ctx-per-seq",
+            "512",
+            "--classify-task",
+            "sentiment-en",
+            "--requests",
+            "12",  # two rounds of the mix: four multi-turn chats
+            "--max-tokens",
+            "4",
+            "--max-words",
+            "10",
+            "--max-history",
+            "4",
+            "--max-slope",
+            "1e9",  # memory is not what this test is about
+            "--out",
+            str(out),
+        ]
+    )
+    report = json.loads((out / "soak.json").read_text())
+    assert rc == 0, capsys.readouterr()
+    assert report["by_status"] == {"200": 12}
+    assert report["server_flags"] == [
+        "--threads", "2", "--parallel", "8", "--ctx-per-seq", "512", "--prompt-cache-mb", "0"
+    ]  # fmt: skip
+    # The engine says what it loaded, in the started server's own log.
+    loaded = [
+        json.loads(line)["msg"]
+        for line in (out / "server.log").read_text().splitlines()
+        if line.startswith("{") and '"loaded ' in line
+    ]
+    assert len(loaded) == 1 and re.search(r"\bparallel=8\b", loaded[0]), loaded
+    # Its /metrics, sampled after every request: with the default 128 MB the finished chats'
+    # cells are kept in host memory (MBs from the fifth request on, for this model); with 0, none.
+    assert [s["prompt_cache_bytes"] for s in report["samples"]] == [0] * 13

@@ -1,0 +1,99 @@
+"""`allinone plan` and `allinone deploy`: memory and limits of a deployment, and its files."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from allinone.cli.common import FlagGroups, add_command
+
+
+def _plan_from_args(args: argparse.Namespace) -> dict:
+    from allinone.planner.plan import PlanRequest, make_plan
+
+    if getattr(args, "plan", None):
+        return json.loads(Path(args.plan).read_text(encoding="utf-8"))
+    return make_plan(
+        PlanRequest(
+            model=args.model,
+            dtype=args.dtype,
+            kv_dtype=args.kv_dtype,
+            context=args.context,
+            concurrency=args.concurrency,
+            devices=args.devices,
+            instances=args.instances,
+            headroom=args.headroom,
+            # the target's threads, not this machine's: deploy files set the container's CPU
+            # limit to the same number, and the server's own count (cpu_budget) agrees with it
+            threads=args.threads,
+        )
+    )
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from allinone.planner.report import format_plan
+
+    plan = _plan_from_args(args)
+    print(json.dumps(plan, indent=2) if args.json else format_plan(plan))
+    return 0 if plan["fits"] else 1
+
+
+def cmd_deploy(args: argparse.Namespace) -> int:
+    from allinone.planner.deploy import DeployOptions, render, write
+
+    plan = _plan_from_args(args)
+    opts = DeployOptions(drain_timeout_s=args.drain_timeout, gpus_per_node=args.gpus_per_node)
+    if args.image:
+        opts.image = args.image
+    if args.exec_path:
+        opts.exec_path = args.exec_path
+    files = render(args.target, plan, opts)
+    if not plan["fits"]:
+        print("allinone: warning: the plan does not fit its devices", file=sys.stderr)
+    if args.out is None:
+        for name, text in files.items():
+            print(f"# ---- {name}\n{text}")
+    else:
+        for path in write(files, args.out):
+            print(path)
+    return 0
+
+
+def add_commands(sub: argparse._SubParsersAction, flags: FlagGroups) -> None:
+    """plan, deploy: the shape of a deployment (not this process's settings)."""
+    from allinone.planner.deploy import TARGETS
+    from allinone.planner.formats import DTYPES, KV_DTYPES
+
+    shape = argparse.ArgumentParser(add_help=False)
+    shape.add_argument(
+        "--model", default="default", help="catalog name, known model, config.json or GGUF"
+    )
+    shape.add_argument("--dtype", choices=DTYPES, help="weight format (cpu: q4_k_m, gpu: bf16)")
+    shape.add_argument(
+        "--kv-dtype", choices=list(KV_DTYPES), default="fp16", help="KV cache format"
+    )
+    shape.add_argument("--context", type=int, default=2048, help="tokens per sequence")
+    shape.add_argument("--concurrency", type=int, default=4, help="sequences at once")
+    shape.add_argument("--devices", default="cpu", help="cpu, cpu:16GiB, 4x24GiB, 1x80GiB")
+    shape.add_argument("--instances", type=int, default=1, help="instances on those devices")
+    shape.add_argument("--headroom", type=float, default=0.10, help="memory kept free")
+    shape.add_argument(
+        "--threads",
+        type=int,
+        default=2,
+        help="CPU threads per instance; deploy files give each instance that many CPUs",
+    )
+
+    pl = add_command(sub, "plan", cmd_plan, "memory and limits for a model deployment", [shape])
+    pl.add_argument("--json", action="store_true", help="print one JSON object")
+
+    dp = add_command(sub, "deploy", cmd_deploy, "render deployment files from a plan", [shape])
+    dp.add_argument("target", choices=TARGETS)
+    dp.add_argument("--plan", type=Path, help="a plan from `allinone plan --json` (else the flags)")
+    dp.add_argument("--out", type=Path, help="folder to write (default: print)")
+    dp.add_argument("--image", help="container image of this server")
+    dp.add_argument("--exec-path", help="allinone executable for the systemd unit")
+    dp.add_argument("--drain-timeout", type=int, default=30, help="seconds to drain")
+    dp.add_argument("--gpus-per-node", type=int, help="GPUs per machine (vllm multi-node)")
