@@ -91,7 +91,7 @@ def test_openai_sdk_answers_every_type_in_question_order(oai):
 
 
 def test_a_predicate_tells_a_happy_review_from_an_angry_one(oai):
-    # Measured on this model (README, Decisions): its "yes" is biased low, and it reads
+    # Measured on this model (docs/decisions.md): its "yes" is biased low, and it reads
     # satisfaction far better than negativity; the answer still orders the two reviews.
     q = [{"type": "predicate", "instructions": "The writer is satisfied."}]
     happy = "Lovely stay, spotless room and friendly staff. Highly recommended!"
@@ -242,7 +242,7 @@ def test_a_decision_among_running_chats_gets_the_same_answer(server, oai):
         stop.set()
         for t in threads:
             t.join()
-    # Batch composition moves the last bits of the logits (README, Limits): probabilities agree
+    # Batch composition moves the last bits of the logits (docs/limits.md): probabilities agree
     # within 0.05, so the chosen answers are the same wherever the top option leads by more
     # than twice that (a near-tie may go either way).
     for a, b in zip(alone.answers, busy.answers, strict=True):

@@ -31,7 +31,7 @@ def test_eval_json_has_the_promised_fields_and_repeat_is_consistent(tmp_path):
         "--json",
         "--repeat",
         "2",
-        # One text at a time: a request alone is bit-for-bit repeatable (README, Limits). With
+        # One text at a time: a request alone is bit-for-bit repeatable (docs/limits.md). With
         # several in flight, batch shapes and KV-cell placement move probabilities by ~0.01, and
         # this sample holds texts at 0.503 and 0.504 that then flip.
         "--batch",

@@ -407,7 +407,7 @@ def _reply(client, **kw) -> str:
 
 def test_top_k_and_min_p_of_one_are_greedy_at_temperature_one(client):
     # Every request is seeded: a seeded request starts from the layout of an idle engine, so
-    # the logits, and the greedy reply, do not depend on what ran before (README, Limits).
+    # the logits, and the greedy reply, do not depend on what ran before (docs/limits.md).
     greedy = _reply(client, temperature=0, seed=1)
     for extra in ({"top_k": 1}, {"min_p": 1.0}, {"top_k": 1, "min_p": 0.5}):
         for seed in (1, 2):

@@ -16,7 +16,7 @@ def test_triage_on_its_labelled_sample(service):
     assert len(rows) >= 20
     report = evaluate(service, "triage", rows, progress=False)
     # Measured 0.708 (17/24) with the default model (it leans to 紧急); the floor allows one
-    # text to move. See the README's figures.
+    # text to move. See docs/benchmarks.md.
     assert report.raw.accuracy >= 16 / 24, report.raw.confusion
 
 

@@ -48,7 +48,7 @@ def test_short_soak_finds_no_growth_and_no_errors(tmp_path, tiny_model_path, cap
             # The allocator grows in steps of ~2 MB through the first few hundred requests, so a
             # line through 180 requests reads up to ~200 MB per 10k without any leak. 600 MB per
             # 10k (60 KB a request, 11 MB over the fit) is a leak no step explains; the 20,000-
-            # request soak in the README is what proves flatness to the megabyte.
+            # request soak in docs/benchmarks.md is what proves flatness to the megabyte.
             "--max-slope",
             "600",
             "--out",

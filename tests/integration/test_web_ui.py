@@ -4,7 +4,7 @@ on loopback: the tiny model for plumbing, the default model for one behaviour te
 Each test also checks that the browser console showed no errors. Without Chromium the tests fail
 and say how to install it (`make browser`): a browser test that skips passes silently.
 With ``UI_SCREENSHOTS=<folder>``, the default-model test saves a screenshot of each
-panel there (the README's come from ``UI_SCREENSHOTS=docs/ui``)."""
+panel there (docs/usage.md's come from ``UI_SCREENSHOTS=docs/ui``)."""
 
 from __future__ import annotations
 

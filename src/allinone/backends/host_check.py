@@ -78,7 +78,7 @@ def check_library_runs(model_path: Path, cache_dir: Path | None) -> str:
             "llama-cpp-python was built for another CPU or with instructions this host lists but "
             "cannot execute. Rebuild it here: `rm -rf .venv && make setup` (the build probes the "
             "CPU and smoke-tests the result), or force flags with ALLINONE_LLAMA_CMAKE_ARGS / "
-            "ALLINONE_LLAMA_CFLAGS (see the README)."
+            "ALLINONE_LLAMA_CFLAGS (see docs/install.md)."
         )
     if marker is not None:
         marker.parent.mkdir(parents=True, exist_ok=True)

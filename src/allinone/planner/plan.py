@@ -105,7 +105,7 @@ class PlanRequest:
 
 
 def make_plan(req: PlanRequest) -> dict:
-    """The plan for ``req`` as one JSON-ready dict (see README "Planning")."""
+    """The plan for ``req`` as one JSON-ready dict (see docs/deployment.md, "Planning")."""
     if req.context < 1 or req.concurrency < 1 or req.instances < 1:
         raise ValueError("--context, --concurrency and --instances must be at least 1")
     if not 0 <= req.headroom < 1:

@@ -302,7 +302,7 @@ class EngineLoop:
 
         A classification or a request with a seed wants the exact result it got before:
         evaluating only part of the prompt changes the batch shape, which can move logits by
-        rounding (see Limits in the README).
+        rounding (see docs/limits.md).
         """
         return self.reuse_slots and req.kind == "generate" and req.params.seed is None
 

@@ -46,7 +46,7 @@ def _llama():
     # (spin 300,000 times at each barrier, then sleep) a 2-thread decode on a virtualised Intel
     # host stopped for good, both threads spinning in a barrier, once uvicorn began a graceful
     # shutdown (test_stability's drain test: 6 of 9 runs; none with PASSIVE, nor with 1
-    # thread). PASSIVE sleeps at once; decode speed measured the same (README, Limits).
+    # thread). PASSIVE sleeps at once; decode speed measured the same (docs/limits.md).
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     import llama_cpp
 

@@ -101,7 +101,7 @@ class SequencePools:
         Why not keep its cells in the slot: in the one KV buffer all sequences share, llama.cpp's
         attention runs over every cell up to the highest in use and checks each against the
         mask, for every query row and head, so cells left in idle slots slow every later step
-        (figures: ``benchmarks/bench_kv_spread.py`` and the README's Structured outputs).
+        (figures: ``benchmarks/bench_kv_spread.py`` and docs/benchmarks.md).
         Saving and restoring a chat of a few hundred cells costs ~1 ms each way. Chats shorter
         than ``_SAVE_MIN_TOKENS`` are dropped (cheaper to evaluate again); a chat bigger than
         the whole cache stays in its slot, reused from there as with the cache off (its cells
