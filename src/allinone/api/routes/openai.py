@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 
 from fastapi import Request
 from fastapi.responses import StreamingResponse
+from starlette.background import BackgroundTask
 
 from allinone.api.dialects import dialect_router
 from allinone.api.protocol import (
@@ -69,8 +70,13 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, state:
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         events = await chat.stream(body)
+        # The background task frees the engine work also when the client leaves before the
+        # first chunk (the generator's own cleanup runs only once it has started).
         return StreamingResponse(
-            _chunks(events, body.model, include_usage), media_type=MEDIA_TYPE, headers=HEADERS
+            _chunks(events, body.model, include_usage),
+            media_type=MEDIA_TYPE,
+            headers=HEADERS,
+            background=BackgroundTask(events.aclose),
         )
     outcome = await chat.create(body)
     choices = [
