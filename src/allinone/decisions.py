@@ -112,8 +112,6 @@ PRIOR_QUESTIONS = 1024  # questions whose priors are kept (least recently used d
 # Content-free inputs (contextual calibration, Zhao et al. 2021, "Calibrate Before Use"): the
 # question read on these, once, gives its prior until PRIOR_MIN_INPUTS real inputs were seen.
 CONTENT_FREE_INPUTS = ("N/A", "", "[MASK]")
-# DecisionError: the name the CLI still imports (the same class as InputError).
-DecisionError = InputError
 
 
 def compact_json(value: object) -> str:

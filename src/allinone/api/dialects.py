@@ -135,5 +135,8 @@ def dialect_for(scope: Scope) -> ErrorDialect:
     for route in routes:
         match, _ = route.matches(probe)
         if match is not Match.NONE:
-            return getattr(route, "error_dialect", OPENAI)
+            # FastAPI keeps an included router as one route that points back at the router
+            router = getattr(route, "original_router", None)
+            owner = router.route_class if router is not None else route
+            return getattr(owner, "error_dialect", OPENAI)
     return OPENAI

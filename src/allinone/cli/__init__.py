@@ -33,7 +33,6 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``allinone`` command."""
     from allinone.backends.base import BackendError
     from allinone.models import ModelFetchError
-    from allinone.tasks import TaskError
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(
@@ -42,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return int(args.func(args) or 0)
-    except (ModelFetchError, TaskError, BackendError, ValueError, OSError) as exc:
+    except (ModelFetchError, BackendError, ValueError, OSError) as exc:  # InputError too
         print(f"allinone: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

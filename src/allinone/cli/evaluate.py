@@ -40,12 +40,13 @@ def _decision_eval(args: argparse.Namespace) -> int:
         format_decision_report,
         parse_options,
     )
-    from allinone.decisions import DecisionError, Strategy, task_questions
+    from allinone.decisions import Strategy, task_questions
     from allinone.evaluation import read_rows
+    from allinone.serving.errors import InputError
 
     try:
         strategy = Strategy.parse(args.strategy) if args.strategy else None
-    except DecisionError as exc:
+    except InputError as exc:
         raise SystemExit(f"error: --strategy: {exc}") from None
     service = open_service(load_settings(args), use_calibration=not args.no_calibration)
     try:

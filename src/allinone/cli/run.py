@@ -7,7 +7,6 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
 
 from allinone.cli.common import FlagGroups, add_command, load_settings, open_service
 
@@ -30,14 +29,21 @@ def cmd_classify(args: argparse.Namespace) -> int:
 
 
 def cmd_listen(args: argparse.Namespace) -> int:
-    """Transcribe an audio file, then (unless --transcript-only) run an extract task on it."""
+    """Transcribe an audio file, then (unless --transcript-only) run an extract task on it;
+    ``--json`` prints the same object as ``POST /v1/audio/summaries`` (serving.speech)."""
+    import time
+
     from tqdm import tqdm
 
     from allinone.runtime import make_transcriber
+    from allinone.serving.speech import require_speech, voice_note, voice_note_task
     from allinone.speech.audio import AudioError, check_duration, decode
     from allinone.speech.transcriber import TranscribeOptions
+    from allinone.tasks import TaskRegistry
 
+    t0 = time.perf_counter()
     settings = load_settings(args)
+    task = voice_note_task(TaskRegistry.load(settings.server.tasks_dir), args.task)
     data = args.file.read_bytes()
     limit = settings.speech.speech_max_duration_s
     try:
@@ -59,21 +65,25 @@ def cmd_listen(args: argparse.Namespace) -> int:
             TranscribeOptions(language=args.language, prompt=args.prompt),
             on_progress=progress,
         )
-    out: dict[str, Any] = {
-        "transcript": {
-            "text": transcript.text,
-            "language": transcript.language,
-            "duration": round(transcript.duration, 3),
-        },
-        "rtf": round(transcript.rtf, 3),
-    }
+    heard = time.perf_counter()
+    result, model = None, settings.model.model
     if not args.transcript_only and transcript.text.strip():
         service = open_service(settings)
         try:
-            result = service.extract(args.task, transcript.text)
+            result = service.extract(task.name, require_speech(transcript))
+            model = service.backend.model_id
         finally:
             service.backend.close()
-        out.update(task=result.task, output=result.output, scores=result.scores)
+    done = time.perf_counter()
+    timings = {"transcription": heard - t0, "task": done - heard, "total": done - t0}
+    out = voice_note(
+        task.name,
+        model,
+        transcriber.name,
+        transcript,
+        result,
+        {k: v * 1000 for k, v in timings.items()},
+    )
     if args.json:
         print(json.dumps(out, ensure_ascii=False, indent=2))
         return 0
@@ -91,14 +101,14 @@ def _decide_questions(args: argparse.Namespace, tasks) -> tuple[list, list[str]]
     import tomllib
 
     from allinone.decisions import task_questions
-    from allinone.tasks import TaskError
+    from allinone.serving.errors import InputError
     from allinone.tasks.spec import TaskQuestion
 
     specs: list[TaskQuestion] = []
     if args.task:
         task = tasks.get(args.task)
         if task.kind != "decide":
-            raise TaskError(f"task {args.task!r} is a {task.kind} task, not a decide task")
+            raise InputError(f"task {args.task!r} is a {task.kind} task, not a decide task")
         specs += task.questions
     if args.questions:
         raw = args.questions.read_text(encoding="utf-8")
@@ -125,7 +135,7 @@ def _decide_questions(args: argparse.Namespace, tasks) -> tuple[list, list[str]]
             )
         )
     if not specs:
-        raise TaskError(
+        raise InputError(
             "no questions: give --task, --questions FILE or --predicate/--choice/--score"
         )
 
@@ -136,11 +146,12 @@ def _decide_questions(args: argparse.Namespace, tasks) -> tuple[list, list[str]]
 
 
 def cmd_decide(args: argparse.Namespace) -> int:
-    from allinone.decisions import DecisionError, DecisionService, Strategy, openai_answer
+    from allinone.decisions import DecisionService, Strategy, openai_answer
+    from allinone.serving.errors import InputError
 
     try:
         strategy = Strategy.parse(args.strategy) if args.strategy else None
-    except DecisionError as exc:
+    except InputError as exc:
         raise SystemExit(f"error: --strategy: {exc}") from None
     text = args.input
     if text == "-":

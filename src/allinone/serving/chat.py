@@ -265,8 +265,12 @@ class ChatServing:
                 "the served model's id",
                 param="model",
             )
-        tools = [t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None
-        plan = self.service.plan_chat(task, chat_messages(body), tools=tools)
+        # as ``create`` renders it: tools only when they may be called, history bounded for
+        # the request's reply length
+        calling = bool(body.tools) and body.tool_choice != "none"
+        tools = [t.model_dump(exclude_none=True) for t in body.tools or []] if calling else None
+        max_tokens = body.max_completion_tokens or body.max_tokens
+        plan = self.service.plan_chat(task, chat_messages(body), max_tokens, tools=tools)
         backend = self.service.backend
         segments = (*plan.prompt.prefix, *plan.prompt.body)
         return sum(len(backend.tokenize(s.text, special=s.special)) for s in segments)

@@ -4,7 +4,4 @@ from allinone.serving.errors import InputError
 from allinone.tasks.registry import TaskRegistry, load_task_file
 from allinone.tasks.spec import Example, TaskSpec
 
-# TaskError: the name the CLI still imports (the same class as InputError).
-TaskError = InputError
-
-__all__ = ["Example", "InputError", "TaskError", "TaskRegistry", "TaskSpec", "load_task_file"]
+__all__ = ["Example", "InputError", "TaskRegistry", "TaskSpec", "load_task_file"]
