@@ -13,7 +13,6 @@ from collections.abc import AsyncIterator
 from typing import Literal
 
 from fastapi import Request
-from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field, StrictInt, model_validator
 
 from allinone.api.dialects import dialect_router
@@ -30,7 +29,7 @@ from allinone.errors import envelope, to_api_error
 from allinone.serving.errors import InputError
 from allinone.serving.models import resolve_model
 from allinone.serving.scope import Done, LogprobsDelta, RequestScope, TextDelta
-from allinone.serving.sse import DONE, HEADERS, MEDIA_TYPE, sse
+from allinone.serving.sse import DONE, event_stream, sse
 
 router = dialect_router(tags=["openai"])
 
@@ -121,9 +120,7 @@ async def completions(body: CompletionRequest, request: Request, state: Server):
     head = {"id": cid, "object": "text_completion", "created": created, "model": body.model}
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return StreamingResponse(
-            _stream(scope, handle, head, include_usage), media_type=MEDIA_TYPE, headers=HEADERS
-        )
+        return event_stream(_stream(scope, handle, head, include_usage), scope.close)
     async with scope:
         (finished,) = await scope.wait_all()
     lp = _legacy_logprobs(finished.logprobs) if finished.logprobs is not None else None

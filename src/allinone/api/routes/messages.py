@@ -4,7 +4,6 @@ the serving is ``allinone.serving.messages``, errors are in Anthropic's shape.""
 from __future__ import annotations
 
 from fastapi import Request
-from fastapi.responses import StreamingResponse
 
 from allinone.api.dialects import dialect_router
 from allinone.api.messages_protocol import (
@@ -14,7 +13,7 @@ from allinone.api.messages_protocol import (
     MessageTokensCount,
 )
 from allinone.serving.messages import ANTHROPIC, MessagesServing
-from allinone.serving.sse import HEADERS, MEDIA_TYPE
+from allinone.serving.sse import event_stream
 
 router = dialect_router(ANTHROPIC, tags=["anthropic"])
 
@@ -27,8 +26,7 @@ router = dialect_router(ANTHROPIC, tags=["anthropic"])
 async def create_message(body: MessageCreateParams, request: Request):
     serving = MessagesServing(request.app.state.server, request)
     if body.stream:
-        frames = await serving.stream(body)
-        return StreamingResponse(frames, media_type=MEDIA_TYPE, headers=HEADERS)
+        return event_stream(await serving.stream(body))
     return await serving.create(body)
 
 

@@ -8,8 +8,6 @@ import time
 from collections.abc import AsyncIterator
 
 from fastapi import Request
-from fastapi.responses import StreamingResponse
-from starlette.background import BackgroundTask
 
 from allinone.api.dialects import dialect_router
 from allinone.api.protocol import (
@@ -34,7 +32,7 @@ from allinone.serving.chat import (
     total_usage,
 )
 from allinone.serving.decisions import MODEL_ALIASES
-from allinone.serving.sse import DONE, HEADERS, MEDIA_TYPE, sse
+from allinone.serving.sse import DONE, event_stream, sse
 
 router = dialect_router(tags=["openai"])
 
@@ -70,14 +68,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, state:
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         events = await chat.stream(body)
-        # The background task frees the engine work also when the client leaves before the
-        # first chunk (the generator's own cleanup runs only once it has started).
-        return StreamingResponse(
-            _chunks(events, body.model, include_usage),
-            media_type=MEDIA_TYPE,
-            headers=HEADERS,
-            background=BackgroundTask(events.aclose),
-        )
+        return event_stream(_chunks(events, body.model, include_usage), events.aclose)
     outcome = await chat.create(body)
     choices = [
         Choice(

@@ -4,12 +4,11 @@
 from __future__ import annotations
 
 from fastapi import Request
-from fastapi.responses import StreamingResponse
 
 from allinone.api.dialects import dialect_router
 from allinone.api.responses_protocol import ResponsesRequest, ResponsesResponse
 from allinone.serving.responses import ResponsesServing
-from allinone.serving.sse import HEADERS, MEDIA_TYPE
+from allinone.serving.sse import event_stream
 
 router = dialect_router(tags=["responses"])
 
@@ -22,6 +21,5 @@ router = dialect_router(tags=["responses"])
 async def create_response(body: ResponsesRequest, request: Request):
     serving = ResponsesServing(request.app.state.server, request)
     if body.stream:
-        frames = await serving.stream(body)
-        return StreamingResponse(frames, media_type=MEDIA_TYPE, headers=HEADERS)
+        return event_stream(await serving.stream(body))
     return await serving.create(body)
