@@ -1,173 +1,18 @@
 """Speech routes: OpenAI's ``POST /v1/audio/transcriptions`` and our voice-note pipeline
-``POST /v1/audio/summaries`` (transcribe, then run an extract task on the transcript).
-
-Both take ``multipart/form-data`` as the ``openai`` SDK sends it (arrays as ``name[]``). Every
-form field is either honoured or refused with a 400 naming it; unknown fields are refused too.
-Checked before any work: the upload's size (413, ALLINONE_SPEECH_MAX_UPLOAD_MB, in the body
-middleware), that it is audio, and its declared duration (400). The transcription then waits for
-the speech worker (one at a time; a full queue is 503) under the request's timeout, the drain
-deadline and the client's connection, like every route.
-"""
+``POST /v1/audio/summaries`` (transcribe, then run an extract task on the transcript); the
+serving is ``allinone.serving.speech``."""
 
 from __future__ import annotations
 
-import time
-from typing import Any
-
 from fastapi import Request
 from fastapi.responses import JSONResponse, PlainTextResponse
-from starlette.datastructures import UploadFile
 
 from allinone.api.dialects import dialect_router
-from allinone.api.state import Server, ServerState
-from allinone.errors import ShuttingDownError
-from allinone.serving.errors import InputError
-from allinone.serving.scope import RequestScope
-from allinone.serving.speech import require_speech, voice_note, voice_note_task
+from allinone.api.state import Server
+from allinone.serving.speech import SpeechServing
 from allinone.speech import formats
-from allinone.speech.audio import check_duration
-from allinone.speech.transcriber import TranscribeOptions, Transcript, TranscriptionCancelled
-from allinone.speech.worker import SpeechWorker
 
 router = dialect_router(tags=["audio"])
-
-# Fields of OpenAI's transcription request that change the output and that we do not implement.
-_REFUSED = {
-    "stream": "streamed transcriptions are not supported; omit stream (or send false)",
-    "include[]": "include (token logprobs) is not supported; omit it",
-    "include": "include (token logprobs) is not supported; omit it",
-    "chunking_strategy": "chunking_strategy is not supported (audio is cut by voice "
-    "activity detection); omit it",
-}
-_TRANSCRIBE_FIELDS = {
-    "file",
-    "model",
-    "language",
-    "prompt",
-    "response_format",
-    "temperature",
-    "timestamp_granularities[]",
-    "timestamp_granularities",
-}
-_SUMMARY_FIELDS = {"file", "model", "language", "prompt", "temperature", "task"}
-MODEL_ALIASES = ("whisper-1",)  # the id OpenAI clients send by default
-
-
-async def _read_form(request: Request, allowed: set[str]) -> tuple[dict[str, list[Any]], bytes]:
-    """The form's fields (name -> values) and the uploaded file's bytes; 400s name the field."""
-    ctype = request.headers.get("content-type", "")
-    if not ctype.startswith("multipart/form-data"):
-        raise InputError(
-            "send the audio as multipart/form-data with the file in a 'file' field "
-            f"(got content-type {ctype or 'none'!r})",
-            code="invalid_content_type",
-        )
-    try:
-        form = await request.form(max_files=1, max_fields=32)
-    except Exception as exc:  # python-multipart / Starlette parse errors
-        raise InputError(
-            f"the multipart body could not be read: {getattr(exc, 'detail', exc)}"
-        ) from exc
-    fields: dict[str, list[Any]] = {}
-    for key, value in form.multi_items():
-        fields.setdefault(key, []).append(value)
-    for key, values in fields.items():
-        if key in _REFUSED:
-            if key == "stream" and all(str(v).lower() == "false" for v in values):
-                continue
-            raise InputError(_REFUSED[key], param=key.removesuffix("[]"))
-        if key not in allowed:
-            raise InputError(
-                f"unknown field {key!r}; this route accepts: {', '.join(sorted(allowed))}",
-                param=key,
-            )
-        if len(values) > 1 and not key.endswith("[]"):
-            raise InputError(f"{key} is given {len(values)} times; send it once", key)
-    uploads = fields.get("file", [])
-    if not uploads or not isinstance(uploads[0], UploadFile):
-        raise InputError("no audio: send the file in a multipart 'file' field", "file")
-    upload: UploadFile = uploads[0]
-    data = await upload.read()
-    await form.close()
-    if not data:
-        raise InputError("the file is empty (0 bytes): send an audio file", "file")
-    return fields, data
-
-
-def _text(fields: dict[str, list[Any]], name: str) -> str | None:
-    values = fields.get(name)
-    if not values:
-        return None
-    value = values[0]
-    if isinstance(value, UploadFile):
-        raise InputError(f"{name} must be a text field, not a file", param=name)
-    return str(value)
-
-
-def _options(
-    speech: SpeechWorker, fields: dict[str, list[Any]], words: bool = False
-) -> TranscribeOptions:
-    """The transcription options from the form, checked against the loaded speech model."""
-    model = _text(fields, "model")
-    name = speech.transcriber.name
-    if model not in (None, "", name, *MODEL_ALIASES):
-        from allinone.models.speech import get_speech_entry
-
-        entry = get_speech_entry(model)
-        if entry is None or entry.name != name:
-            raise InputError(
-                f"speech model {model!r} is not served here; this server runs {name} "
-                f"(also answering to {', '.join(MODEL_ALIASES)})",
-                param="model",
-                not_found=True,
-                code="model_not_found",
-            )
-    language = _text(fields, "language") or None
-    if language is not None:
-        language = language.strip().lower()
-        if language not in speech.transcriber.languages:
-            raise InputError(
-                f"language {language!r} is not one {name} transcribes; send an ISO 639-1 code "
-                f"({', '.join(speech.transcriber.languages[:8])}, ...) or omit it to detect",
-                param="language",
-            )
-    temperature = None
-    raw_temp = _text(fields, "temperature")
-    if raw_temp not in (None, ""):
-        try:
-            temperature = float(raw_temp)
-        except ValueError:
-            temperature = -1.0
-        if not 0.0 <= temperature <= 1.0:
-            raise InputError(
-                f"temperature must be a number from 0 to 1 (got {raw_temp!r})",
-                param="temperature",
-            )
-    return TranscribeOptions(
-        language=language,
-        prompt=_text(fields, "prompt") or None,
-        temperature=temperature,
-        word_timestamps=words,
-    )
-
-
-async def _transcribe(
-    state: ServerState,
-    speech: SpeechWorker,
-    request: Request,
-    data: bytes,
-    options: TranscribeOptions,
-    deadline: float,
-) -> Transcript:
-    limit = state.settings.speech.speech_max_duration_s
-    check_duration(data, limit)  # before any work is queued
-    job = speech.submit(data, options, limit)
-    try:
-        return await state.admission.bounded(
-            speech.result(job), "the transcription", deadline=deadline, request=request
-        )
-    except TranscriptionCancelled as exc:  # the worker was closed under it: shutting down
-        raise ShuttingDownError(f"the transcription was stopped: {exc}") from exc
 
 
 @router.post(
@@ -175,35 +20,8 @@ async def _transcribe(
     summary="Transcribe an audio file (OpenAI-compatible; needs --speech)",
 )
 async def transcriptions(request: Request, state: Server):
-    deadline = time.monotonic() + state.settings.server.request_timeout_s
-    speech = state.admission.require_speech()
-    fields, data = await _read_form(request, _TRANSCRIBE_FIELDS)
-    response_format = (_text(fields, "response_format") or "json").strip()
-    if response_format not in formats.RESPONSE_FORMATS:
-        raise InputError(
-            f"response_format {response_format!r} is not one of "
-            f"{', '.join(formats.RESPONSE_FORMATS)}",
-            param="response_format",
-        )
-    grains = [
-        str(v)
-        for key in ("timestamp_granularities[]", "timestamp_granularities")
-        for v in fields.get(key, [])
-    ]
-    for g in grains:
-        if g not in ("word", "segment"):
-            raise InputError(
-                f"timestamp_granularities holds {g!r}; use 'word' and/or 'segment'",
-                param="timestamp_granularities",
-            )
-    if grains and response_format != "verbose_json":
-        raise InputError(
-            "timestamp_granularities needs response_format 'verbose_json'",
-            param="timestamp_granularities",
-        )
-    options = _options(speech, fields, words="word" in grains)
-    transcript = await _transcribe(state, speech, request, data, options, deadline)
-    body = formats.render(transcript, response_format, frozenset(grains))
+    transcript, response_format, grains = await SpeechServing(state, request).transcription()
+    body = formats.render(transcript, response_format, grains)
     headers = {"x-audio-duration-s": f"{transcript.duration:.3f}", "x-rtf": f"{transcript.rtf:.3f}"}
     if isinstance(body, dict):
         return JSONResponse(body, headers=headers)
@@ -216,28 +34,4 @@ async def transcriptions(request: Request, state: Server):
     "with probabilities and a summary) on the transcript (needs --speech)",
 )
 async def summaries(request: Request, state: Server) -> JSONResponse:
-    t0 = time.perf_counter()
-    deadline = time.monotonic() + state.settings.server.request_timeout_s
-    speech = state.admission.require_speech()
-    fields, data = await _read_form(request, _SUMMARY_FIELDS)
-    task = voice_note_task(state.tasks, _text(fields, "task"))
-    request.state.task = task.name
-    options = _options(speech, fields)
-    transcript = await _transcribe(state, speech, request, data, options, deadline)
-    heard = time.perf_counter()
-    service = state.admission.require_service()
-    scope = RequestScope(state, request, "the voice note's task", input_param="file")
-    scope.deadline = deadline
-    result = await scope.run(service.extract_async(task.name, require_speech(transcript)))
-    done = time.perf_counter()
-    timings = {"transcription": heard - t0, "task": done - heard, "total": done - t0}
-    return JSONResponse(
-        voice_note(
-            task.name,
-            service.backend.model_id,
-            speech.transcriber.name,
-            transcript,
-            result,
-            {k: v * 1000 for k, v in timings.items()},
-        )
-    )
+    return JSONResponse(await SpeechServing(state, request).voice_note())
