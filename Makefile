@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 export ALLINONE_CACHE_DIR := $(CACHE_DIR)
 PIP := $(PY) -m pip --disable-pip-version-check
 
-.PHONY: FORCE setup setup-dev speech model models-test browser serve test test-fast lint format bench bench-classify bench-backends clean
+.PHONY: FORCE setup setup-dev speech model models-test browser container-tools image test-container serve test test-fast lint format bench bench-classify bench-backends clean
 
 # llama-cpp-python is built from source for this host by src/allinone/llama_build.py: it probes
 # the CPU's risky extensions (AMX, AVX-512 FP16/BF16/VNNI) in child processes, switches off any that
@@ -80,6 +80,40 @@ browser:
 	    $$sudo apt-get update -q >/dev/null 2>&1; \
 	  done; \
 	  test -x /usr/bin/chromium || echo "make browser: Debian's chromium could not be installed"; }
+
+# Debian's container tools for the image (`make image`) and its tests (`make test-container`):
+# podman and buildah with runc (crun refuses this host's cgroup v1 hybrid mode), mmdebstrap for
+# the base made from the Debian mirror, netavark/aardvark-dns for the networks tests create,
+# catatonit for `podman kube play`'s pause image. Nothing is started (Debian's policy-rc.d).
+CONTAINER_PKGS := podman buildah runc conmon netavark aardvark-dns fuse-overlayfs uidmap \
+  slirp4netns mmdebstrap containers-storage golang-github-containers-common catatonit iptables
+container-tools:
+	@missing=$$(for p in $(CONTAINER_PKGS); do \
+	    dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'ok installed' || echo $$p; done); \
+	  [ -z "$$missing" ] && exit 0; \
+	  sudo=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  for try in 1 2; do \
+	    DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -q --no-install-recommends \
+	      $$missing >/dev/null 2>&1 && break; \
+	    $$sudo apt-get update -q >/dev/null 2>&1; \
+	  done; \
+	  command -v podman >/dev/null && command -v mmdebstrap >/dev/null && command -v runc >/dev/null \
+	    || { echo "make container-tools: Debian's podman/mmdebstrap/runc could not be installed"; exit 1; }
+
+# The server's OCI image (podman, no registry, no network in the build; docs/scale-out.md):
+# a Debian base by mmdebstrap, the wheels fetched here, this venv's llama.cpp wheel. The model is
+# mounted at run time. CONTAINERS_CONF selects runc and rlimits these hosts allow.
+IMAGE ?= localhost/allinone:$(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+export CONTAINERS_CONF ?= $(CURDIR)/src/allinone/container/containers.conf
+image: setup container-tools
+	$(PY) -m allinone deploy image --image $(IMAGE)
+
+# The image under --memory/--cpus limits and the Kubernetes files (kubernetes-validate, podman
+# kube play); fails instead of skipping when podman or the image is missing.
+test-container: setup-dev image models-test
+	ALLINONE_REQUIRE_CONTAINER=1 ALLINONE_TEST_IMAGE=$(IMAGE) $(PY) -m pytest \
+	  tests/integration/test_container.py tests/unit/test_deploy.py \
+	  tests/unit/test_memory_budget.py $(PYTEST_ARGS)
 
 # The transformers backend's tests need the torch extra (a local CPU wheel: quick to install).
 test: $(VENV)/.stamp-torch $(VENV)/.stamp-speech models-test browser

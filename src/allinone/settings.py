@@ -192,6 +192,11 @@ class ServerSettings(BaseSettings):
     memory_hard_limit_mb: int | None = Field(
         None, ge=1, description="Above this the process exits (code 3) to be restarted"
     )
+    memory_from_cgroup: bool = Field(
+        True,
+        description="With neither memory limit set, derive both from the cgroup's memory limit "
+        "(soft 80 %, hard 90 %; docs/operations.md#memory)",
+    )
     memory_sample_s: float = Field(10.0, gt=0, le=3600, description="Memory sampling interval")
     malloc_mmap_threshold_kb: int = Field(
         256,

@@ -9,7 +9,7 @@ from fastapi.testclient import TestClient
 
 from allinone.api import create_app
 from allinone.backends.base import Backend
-from allinone.settings import Settings
+from allinone.settings import ServerSettings, Settings
 from allinone.tasks import TaskRegistry
 
 
@@ -47,9 +47,9 @@ class SlowLoadingBackend(Backend):
         pass
 
 
-def make(gate, fail=False):
+def make(gate, fail=False, settings=None):
     return create_app(
-        Settings(),
+        settings or Settings(),
         backend_factory=lambda: SlowLoadingBackend(gate, fail),
         task_registry=TaskRegistry.load(),
     )
@@ -101,3 +101,14 @@ def test_a_bug_is_a_generic_500_that_closes_the_connection():
     assert r.headers["connection"] == "close"
     assert r.json()["error"]["type"] == "server_error"
     assert "secret detail" not in r.text
+
+
+def test_ready_says_where_the_memory_budget_comes_from():
+    gate = threading.Event()
+    gate.set()
+    settings = Settings(server=ServerSettings(memory_soft_limit_mb=300))
+    with TestClient(make(gate, settings=settings)) as client:
+        assert client.app.state.server.lifecycle.ready.wait(5)
+        memory = client.get("/ready").json()["memory"]
+    assert memory["soft_limit_mb"] == 300 and memory["hard_limit_mb"] is None
+    assert memory["source"].startswith("settings")

@@ -12,6 +12,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from allinone.backends.base import Backend
+from allinone.memory_budget import MemoryBudget, memory_budget
 from allinone.observability.history import HealthHistory
 from allinone.observability.memory import MemorySample, MemorySampler, fix_mmap_threshold
 from allinone.observability.metrics import Metrics
@@ -34,13 +35,17 @@ class ServerState:
     api_keys: set[str] = field(default_factory=set)
     sampler: MemorySampler | None = None
     history: HealthHistory | None = None
+    memory_budget: MemoryBudget | None = None
     lifecycle: Lifecycle = field(init=False)
     admission: Admission = field(init=False)
 
     def __post_init__(self) -> None:
         srv = self.settings.server
         self.api_keys = srv.all_api_keys()
-        mb = 1024 * 1024
+        budget = memory_budget(
+            srv.memory_soft_limit_mb, srv.memory_hard_limit_mb, srv.memory_from_cgroup
+        )
+        self.memory_budget = budget
         if fix_mmap_threshold(srv.malloc_mmap_threshold_kb * 1024):
             log.info("malloc: blocks >= %d KiB are mmapped", srv.malloc_mmap_threshold_kb)
         self.lifecycle = Lifecycle(self.settings, self.tasks, self.backend_factory, self.metrics)
@@ -56,9 +61,10 @@ class ServerState:
 
         self.sampler = MemorySampler(
             interval_s=srv.memory_sample_s,
-            soft_limit_bytes=srv.memory_soft_limit_mb * mb if srv.memory_soft_limit_mb else None,
-            hard_limit_bytes=srv.memory_hard_limit_mb * mb if srv.memory_hard_limit_mb else None,
+            soft_limit_bytes=budget.soft_bytes,
+            hard_limit_bytes=budget.hard_bytes,
             on_sample=on_sample,
+            budget_source=budget.source,
         )
         self.metrics.watch_engine(engine_stats)
         self.admission = Admission(self.settings, self.lifecycle, self.metrics, self.sampler)

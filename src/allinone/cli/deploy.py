@@ -40,9 +40,30 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0 if plan["fits"] else 1
 
 
+def cmd_image(args: argparse.Namespace) -> int:
+    """`deploy image`: build the OCI image with podman (allinone.container.image)."""
+    from allinone.container.image import ImageError, ImageOptions, build_image
+    from allinone.models.fetch import default_cache_dir
+
+    opts = ImageOptions(mirror=args.mirror, llama_wheel=args.llama_wheel)
+    if args.image:
+        opts.tag = args.image
+    if args.out:
+        opts.work = args.out
+    try:
+        report = build_image(opts, default_cache_dir())
+    except ImageError as exc:
+        print(f"allinone: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(report.__dict__, indent=2))
+    return 0
+
+
 def cmd_deploy(args: argparse.Namespace) -> int:
     from allinone.planner.deploy import DeployOptions, render, write
 
+    if args.target == "image":
+        return cmd_image(args)
     plan = _plan_from_args(args)
     opts = DeployOptions(drain_timeout_s=args.drain_timeout, gpus_per_node=args.gpus_per_node)
     if args.image:
@@ -90,10 +111,22 @@ def add_commands(sub: argparse._SubParsersAction, flags: FlagGroups) -> None:
     pl.add_argument("--json", action="store_true", help="print one JSON object")
 
     dp = add_command(sub, "deploy", cmd_deploy, "render deployment files from a plan", [shape])
-    dp.add_argument("target", choices=TARGETS)
+    dp.add_argument(
+        "target",
+        choices=(*TARGETS, "image"),
+        help="files to render, or `image`: build this server's OCI image with podman",
+    )
     dp.add_argument("--plan", type=Path, help="a plan from `allinone plan --json` (else the flags)")
-    dp.add_argument("--out", type=Path, help="folder to write (default: print)")
-    dp.add_argument("--image", help="container image of this server")
+    dp.add_argument(
+        "--out", type=Path, help="folder to write (default: print); image: its work folder"
+    )
+    dp.add_argument("--image", help="container image of this server (image: the tag to build)")
     dp.add_argument("--exec-path", help="allinone executable for the systemd unit")
     dp.add_argument("--drain-timeout", type=int, default=30, help="seconds to drain")
     dp.add_argument("--gpus-per-node", type=int, help="GPUs per machine (vllm multi-node)")
+    dp.add_argument("--mirror", help="image: Debian mirror URL (default: this machine's apt's)")
+    dp.add_argument(
+        "--llama-wheel",
+        type=Path,
+        help="image: llama-cpp-python wheel (default: the wheelhouse's, as this venv runs)",
+    )

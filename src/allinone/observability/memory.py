@@ -75,7 +75,8 @@ def fix_mmap_threshold(threshold_bytes: int) -> bool:
 
 
 class MemorySampler:
-    """Samples this process's memory every ``interval_s`` and enforces the budget."""
+    """Samples this process's memory every ``interval_s`` and enforces the budget.
+    ``budget_source``: where the limits came from (``allinone.memory_budget``), logged at start."""
 
     def __init__(
         self,
@@ -84,8 +85,10 @@ class MemorySampler:
         hard_limit_bytes: int | None = None,
         on_sample: Callable[[MemorySample], None] | None = None,
         exit_fn: Callable[[int], None] = os._exit,
+        budget_source: str = "",
     ) -> None:
         self.interval_s = interval_s
+        self.budget_source = budget_source
         self.soft = soft_limit_bytes
         self.hard = hard_limit_bytes
         self.on_sample = on_sample
@@ -96,7 +99,18 @@ class MemorySampler:
         self._thread = threading.Thread(target=self._run, name="allinone-memory", daemon=True)
 
     def start(self) -> None:
-        """Take a first sample now, then keep sampling on a thread."""
+        """Log the budget and where it came from, take a first sample now, then keep sampling
+        on a thread."""
+        log.info(
+            json.dumps(
+                {
+                    "event": "memory_budget",
+                    "soft_limit": self.soft,
+                    "hard_limit": self.hard,
+                    "source": self.budget_source,
+                }
+            )
+        )
         self.sample()
         self._thread.start()
 

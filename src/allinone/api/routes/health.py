@@ -47,6 +47,7 @@ async def ready(state: Server) -> dict:
         "speech_model": state.lifecycle.speech.transcriber.name if state.lifecycle.speech else None,
         "load_seconds": state.lifecycle.load_seconds,
         "threads": {"count": state.settings.engine.threads, "default": asdict(cpu_budget())},
+        "memory": state.memory_budget.as_dict() if state.memory_budget else None,
         "engine": state.lifecycle.engine_stats(),
     }
 
