@@ -142,3 +142,19 @@ bench-backends: $(VENV)/.stamp-torch model
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
+
+# Replicas on Ray Serve (issue #34): ray[serve] 2.60.0 and every package it adds, pinned in
+# requirements-ray.txt, installed into .venv beside the project's pins (pip resolves them without
+# changing any), then tests/integration/test_ray_serve.py: a head and three worker nodes in a
+# loopback-only network namespace the test creates (needs root and iproute2). Once Ray is in
+# .venv, `make test` collects these tests too. What ran: docs/scale-out.md#ray-serve.
+.PHONY: ray test-ray
+$(VENV)/.stamp-ray: $(VENV)/.stamp-dev requirements-ray.txt
+	$(PIP) install -q -r requirements-ray.txt
+	touch $@
+
+ray: $(VENV)/.stamp-ray
+
+test-ray: $(VENV)/.stamp-ray
+	$(PY) -m allinone models fetch tiny >/dev/null
+	$(PY) -m pytest -m ray -rs tests/integration/test_ray_serve.py $(PYTEST_ARGS)
