@@ -39,6 +39,7 @@ class FlagGroups:
     engine: argparse.ArgumentParser
     server: argparse.ArgumentParser
     speech: argparse.ArgumentParser
+    replicas: argparse.ArgumentParser
 
     @classmethod
     def build(cls) -> FlagGroups:
@@ -66,7 +67,10 @@ class FlagGroups:
         ):
             groups[name] = parent()
             add_settings_flags(groups[name], settings)
-        return cls(verbose=verbose, tasks_dir=tasks_dir, **groups)
+        replicas = parent()  # Ray Serve: `serve --ray` and `deploy ray`
+        replicas.add_argument("--min-replicas", type=int, default=1, help="Ray Serve: fewest")
+        replicas.add_argument("--max-replicas", type=int, default=2, help="Ray Serve: most")
+        return cls(verbose=verbose, tasks_dir=tasks_dir, replicas=replicas, **groups)
 
     @property
     def llm(self) -> list[argparse.ArgumentParser]:

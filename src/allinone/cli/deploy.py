@@ -60,24 +60,40 @@ def cmd_image(args: argparse.Namespace) -> int:
 
 
 def cmd_deploy(args: argparse.Namespace) -> int:
-    from allinone.planner.deploy import DeployOptions, render, write
+    from allinone.planner.deploy import DeployOptions, render
 
     if args.target == "image":
         return cmd_image(args)
     plan = _plan_from_args(args)
+    if args.target == "ray":
+        return _write_files(_render_ray(args, plan), args.out, plan)
     opts = DeployOptions(drain_timeout_s=args.drain_timeout, gpus_per_node=args.gpus_per_node)
     if args.image:
         opts.image = args.image
     if args.exec_path:
         opts.exec_path = args.exec_path
-    files = render(args.target, plan, opts)
+    return _write_files(render(args.target, plan, opts), args.out, plan)
+
+
+def _render_ray(args: argparse.Namespace, plan: dict) -> dict[str, str]:
+    from allinone.scaleout.ray_config import RayServeOptions, render_serve_config
+
+    options = RayServeOptions.from_plan(
+        plan, min_replicas=args.min_replicas, max_replicas=args.max_replicas
+    )
+    return render_serve_config(options, plan)
+
+
+def _write_files(files: dict[str, str], out: Path | None, plan: dict) -> int:
+    from allinone.planner.deploy import write
+
     if not plan["fits"]:
         print("allinone: warning: the plan does not fit its devices", file=sys.stderr)
-    if args.out is None:
+    if out is None:
         for name, text in files.items():
             print(f"# ---- {name}\n{text}")
     else:
-        for path in write(files, args.out):
+        for path in write(files, out):
             print(path)
     return 0
 
@@ -110,11 +126,14 @@ def add_commands(sub: argparse._SubParsersAction, flags: FlagGroups) -> None:
     pl = add_command(sub, "plan", cmd_plan, "memory and limits for a model deployment", [shape])
     pl.add_argument("--json", action="store_true", help="print one JSON object")
 
-    dp = add_command(sub, "deploy", cmd_deploy, "render deployment files from a plan", [shape])
+    dp = add_command(
+        sub, "deploy", cmd_deploy, "render deployment files from a plan", [shape, flags.replicas]
+    )
     dp.add_argument(
         "target",
-        choices=(*TARGETS, "image"),
-        help="files to render, or `image`: build this server's OCI image with podman",
+        choices=(*TARGETS, "ray", "image"),
+        help="files to render (ray: a Ray Serve config), or `image`: build this server's OCI "
+        "image with podman",
     )
     dp.add_argument("--plan", type=Path, help="a plan from `allinone plan --json` (else the flags)")
     dp.add_argument(

@@ -10,7 +10,43 @@ import sys
 from allinone.cli.common import FlagGroups, add_command, load_settings
 
 
+def _serve_on_ray(args: argparse.Namespace) -> int:
+    """``serve --ray ADDRESS``: this server's replicas as a Serve application on a Ray cluster,
+    sized by the planner from this command's model and engine settings."""
+    import os
+
+    from allinone.planner.plan import PlanRequest, make_plan
+    from allinone.scaleout.ray_config import RayServeOptions
+    from allinone.scaleout.ray_serve import run
+
+    settings = load_settings(args)
+    engine = settings.engine
+    plan = make_plan(
+        PlanRequest(
+            model=settings.model.model,
+            context=engine.ctx_per_seq,
+            concurrency=engine.parallel,
+            threads=engine.threads,
+        )
+    )
+    # The replicas' settings: the plan's, then this environment's ALLINONE_* variables.
+    env = {k: v for k, v in os.environ.items() if k.startswith("ALLINONE_")}
+    if settings.model.model_id:
+        env["ALLINONE_MODEL_ID"] = settings.model.model_id
+    options = RayServeOptions.from_plan(
+        plan,
+        min_replicas=args.min_replicas,
+        max_replicas=args.max_replicas,
+        host=settings.server.host,
+        port=settings.server.port,
+        env_extra=env,
+    )
+    return run(args.ray, options)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
+    if getattr(args, "ray", None):
+        return _serve_on_ray(args)
     import uvicorn
 
     from allinone.api import create_app
@@ -67,6 +103,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def add_commands(sub: argparse._SubParsersAction, flags: FlagGroups) -> None:
     """serve: every group of settings."""
-    add_command(
-        sub, "serve", cmd_serve, "run the HTTP server", [*flags.llm, flags.server, flags.speech]
+    p = add_command(
+        sub,
+        "serve",
+        cmd_serve,
+        "run the HTTP server",
+        [*flags.llm, flags.server, flags.speech, flags.replicas],
+    )
+    p.add_argument(
+        "--ray",
+        metavar="ADDRESS",
+        help="run as replicas on the Ray cluster at ADDRESS (ray[serve]; docs/scale-out.md)",
     )
