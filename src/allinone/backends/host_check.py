@@ -81,8 +81,15 @@ def check_library_runs(model_path: Path, cache_dir: Path | None) -> str:
             "ALLINONE_LLAMA_CFLAGS (see docs/install.md)."
         )
     if marker is not None:
-        marker.parent.mkdir(parents=True, exist_ok=True)
-        marker.write_text(json.dumps({"system_info": result.system_info, "model": str(model_path)}))
+        # A read-only cache (a container's model volume) only means the check runs again at the
+        # next start; the check itself passed.
+        try:
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.write_text(
+                json.dumps({"system_info": result.system_info, "model": str(model_path)})
+            )
+        except OSError as exc:
+            log.info("host check passed; its marker cannot be kept (%s)", exc)
     return result.system_info
 
 
