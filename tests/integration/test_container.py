@@ -217,3 +217,62 @@ def test_a_tight_memory_limit_sheds_load_with_503_instead_of_an_oom_kill(
             assert "oom_kill 0" in failcnt and "\nmax 0" in "\n" + failcnt, failcnt
         elif failcnt is not None:
             assert int(failcnt) == 0, failcnt
+
+
+def test_podman_kube_play_runs_the_rendered_deployment_and_it_serves(
+    image, tiny_model_path, tmp_path
+):
+    import yaml
+
+    from allinone.planner.deploy import DeployOptions, render
+    from allinone.planner.plan import PlanRequest, make_plan
+
+    plan = make_plan(PlanRequest(model=str(tiny_model_path), context=1024, concurrency=2))
+    text = render("k8s", plan, DeployOptions(image=image))["allinone.k8s.yaml"]
+    deployment = next(d for d in yaml.safe_load_all(text) if d["kind"] == "Deployment")
+    # What the test changes, and only that: names of its own (the pod, the claim, which podman
+    # maps to a named volume), one replica, and the port published on 127.0.0.1 (podman kube
+    # play publishes a containerPort on 0.0.0.0 unless hostIP says otherwise; Kubernetes would
+    # publish nothing).
+    port = free_port()
+    name, claim = f"{PREFIX}-k8s", f"{PREFIX}-models"
+    deployment["metadata"]["name"] = name
+    deployment["spec"]["replicas"] = 1
+    pod = deployment["spec"]["template"]["spec"]
+    pod["volumes"][0]["persistentVolumeClaim"]["claimName"] = claim
+    pod["containers"][0]["ports"][0].update({"hostIP": "127.0.0.1", "hostPort": port})
+    path = tmp_path / "deployment.yaml"
+    path.write_text(yaml.safe_dump(deployment, sort_keys=False))
+    cache = tiny_model_path.parent.parent  # mounted read-only at /models, as the claim would be
+    _podman(
+        "volume",
+        "create",
+        "--opt",
+        "type=none",
+        "--opt",
+        "o=bind",
+        "--opt",
+        f"device={cache}",
+        claim,
+    )
+    try:
+        _podman("kube", "play", "--network", "slirp4netns", str(path))
+        c = Container(f"{name}-pod-0-allinone", port)
+        ready = c.wait_ready()
+        host = c.inspect()["HostConfig"]
+        # the plan's limits reached the container, and the server took the plan's budget
+        assert host["Memory"] == plan["host"]["memory_limit_bytes"]
+        assert host["CpuQuota"] == plan["host"]["cpus"] * host["CpuPeriod"]
+        assert host["ReadonlyRootfs"] is True and c.inspect()["Config"]["User"] == "10001"
+        assert ready["memory"]["soft_limit_mb"] == plan["server"]["memory_soft_limit_mb"]
+        assert ready["memory"]["source"].startswith("settings")
+        assert ready["threads"]["count"] == plan["server"]["threads"]
+        r = httpx.post(
+            f"{c.url}/v1/classify", json={"task": "sentiment", "input": "太差了"}, timeout=120
+        )
+        assert r.status_code == 200, r.text
+        assert httpx.get(f"{c.url}/health", timeout=10).json()["status"] == "ok"
+    finally:
+        _podman("kube", "down", str(path), check=False)
+        _podman("volume", "rm", "-f", claim, check=False)
+    assert _podman("pod", "exists", f"{name}-pod-0", check=False).returncode != 0

@@ -67,7 +67,14 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     plan = _plan_from_args(args)
     if args.target == "ray":
         return _write_files(_render_ray(args, plan), args.out, plan)
-    opts = DeployOptions(drain_timeout_s=args.drain_timeout, gpus_per_node=args.gpus_per_node)
+    opts = DeployOptions(
+        drain_timeout_s=args.drain_timeout,
+        gpus_per_node=args.gpus_per_node,
+        replicas=args.replicas,
+        max_replicas=args.autoscale_max,
+    )
+    if args.prometheus_url:
+        opts.prometheus_url = args.prometheus_url
     if args.image:
         opts.image = args.image
     if args.exec_path:
@@ -143,6 +150,14 @@ def add_commands(sub: argparse._SubParsersAction, flags: FlagGroups) -> None:
     dp.add_argument("--exec-path", help="allinone executable for the systemd unit")
     dp.add_argument("--drain-timeout", type=int, default=30, help="seconds to drain")
     dp.add_argument("--gpus-per-node", type=int, help="GPUs per machine (vllm multi-node)")
+    dp.add_argument(
+        "--replicas",
+        type=int,
+        default=2,
+        help="k8s: the Deployment's replicas (autoscaler minimum)",
+    )
+    dp.add_argument("--autoscale-max", type=int, default=8, help="k8s: autoscaler maximum")
+    dp.add_argument("--prometheus-url", help="k8s: the Prometheus server KEDA queries")
     dp.add_argument("--mirror", help="image: Debian mirror URL (default: this machine's apt's)")
     dp.add_argument(
         "--llama-wheel",

@@ -249,6 +249,12 @@ def build_image(
     llama = fetch_wheels(opts, context / "wheels", cache_dir, say)
     times["wheels"] = time.perf_counter() - t0
     llama_version = llama.name.split("-")[1]
+    # The wheels reach the build through a volume, outside the context podman's layer cache
+    # keys on: their digest, passed as a build argument, is what makes new wheels a new layer.
+    digest = hashlib.sha256()
+    for wheel in sorted((context / "wheels").iterdir()):
+        digest.update(wheel.name.encode() + wheel.read_bytes())
+    old = podman("image", "inspect", "--format", "{{.Id}}", opts.tag, check=False).stdout.strip()
     t0 = time.perf_counter()
     res = subprocess.run(
         [
@@ -264,6 +270,8 @@ def build_image(
             f"VERSION={__version__}",
             "--build-arg",
             f"LLAMA_VERSION={llama_version}",
+            "--build-arg",
+            f"WHEELS_DIGEST={digest.hexdigest()}",
             "--label",
             f"org.opencontainers.image.version={__version__}",
             "--tag",
@@ -280,6 +288,9 @@ def build_image(
         raise ImageError(f"podman build failed: {(res.stdout + res.stderr).strip()[-3000:]}")
     times["build"] = time.perf_counter() - t0
     shutil.rmtree(context / "wheels")
+    new = podman("image", "inspect", "--format", "{{.Id}}", opts.tag).stdout.strip()
+    if old and old != new:  # the image this tag named before, now untagged: not kept
+        podman("rmi", old, check=False)
     size = int(podman("image", "inspect", "--format", "{{.Size}}", opts.tag).stdout.strip())
     say(f"image {opts.tag}: {size / 1e6:.0f} MB ({times['build']:.0f} s to build)")
     return ImageReport(opts.tag, base, size, times)

@@ -31,6 +31,11 @@ class DeployOptions:
     drain_timeout_s: int = 30
     gpus_per_node: int | None = None
     vllm_image: str = "vllm/vllm-openai:v0.11.0"
+    # Kubernetes: replicas of the Deployment (at least the plan's instances) and the ceiling the
+    # autoscalers may reach; the Prometheus server KEDA asks for the queue depth.
+    replicas: int = 2
+    max_replicas: int = 8
+    prometheus_url: str = "http://prometheus-server.monitoring.svc:9090"
 
 
 def _mb(n: int) -> str:
@@ -260,8 +265,15 @@ def render_compose(plan: dict, opts: DeployOptions) -> dict[str, str]:
     return {"compose.yaml": text}
 
 
+# Requests waiting for an engine sequence, per pod: this server's gauge
+# (observability/metrics.py, EngineCollector) and vLLM's.
+QUEUE_METRIC = {"llama_cpp": "allinone_engine_queue_depth", "vllm": "vllm:num_requests_waiting"}
+
+
 def render_k8s(plan: dict, opts: DeployOptions) -> dict[str, str]:
-    """Deployment + Service: requests equal limits (Guaranteed QoS), probes on /health, /ready."""
+    """Deployment + Service: requests equal limits (Guaranteed QoS), probes on /health, /ready,
+    ``opts.replicas`` replicas; and two autoscalers to choose from: a HorizontalPodAutoscaler on
+    CPU (CPU plans) and a KEDA ScaledObject on the queue depth."""
     import yaml
 
     host = plan["host"]
@@ -321,19 +333,29 @@ def render_k8s(plan: dict, opts: DeployOptions) -> dict[str, str]:
         volumes.append({"name": "tmp", "emptyDir": {}})
     labels = {"app.kubernetes.io/name": "allinone"}
     pod_security = {"runAsNonRoot": True, "runAsUser": 10001, "fsGroup": 10001} if not gpu else {}
+    replicas = max(opts.replicas, plan["instances"])
     deployment = {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
         "metadata": {"name": "allinone", "labels": labels},
         "spec": {
-            "replicas": plan["instances"],
+            "replicas": replicas,
             "selector": {"matchLabels": labels},
             "strategy": {
                 "type": "RollingUpdate",
                 "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1},
             },
             "template": {
-                "metadata": {"labels": labels},
+                "metadata": {
+                    "labels": labels,
+                    # the common scrape convention (Prometheus' kubernetes-pods job): KEDA's
+                    # query below reads the queue depth these scrapes collect
+                    "annotations": {
+                        "prometheus.io/scrape": "true",
+                        "prometheus.io/port": str(opts.port),
+                        "prometheus.io/path": "/metrics",
+                    },
+                },
                 "spec": {
                     # Matches the server's drain: in-flight requests finish before SIGKILL.
                     "terminationGracePeriodSeconds": opts.drain_timeout_s + 10,
@@ -353,10 +375,83 @@ def render_k8s(plan: dict, opts: DeployOptions) -> dict[str, str]:
             "ports": [{"name": "http", "port": opts.port, "targetPort": "http"}],
         },
     }
-    text = (
-        "\n".join(_header(plan)) + "\n" + yaml.safe_dump_all([deployment, service], sort_keys=False)
+    header = "\n".join(_header(plan)) + "\n"
+    text = header + yaml.safe_dump_all([deployment, service], sort_keys=False)
+    files = {"allinone.k8s.yaml": text}
+    target = {"apiVersion": "apps/v1", "kind": "Deployment", "name": "allinone"}
+    # Scale down slowly: a new pod loads its model before it is ready, and an idle one still
+    # holds its prefix and prompt caches.
+    behavior = {
+        "scaleDown": {
+            "stabilizationWindowSeconds": 300,
+            "policies": [{"type": "Pods", "value": 1, "periodSeconds": 60}],
+        }
+    }
+    bounds = (replicas, max(replicas, opts.max_replicas))
+    if not gpu:
+        hpa = {
+            "apiVersion": "autoscaling/v2",
+            "kind": "HorizontalPodAutoscaler",
+            "metadata": {"name": "allinone", "labels": labels},
+            "spec": {
+                "scaleTargetRef": target,
+                "minReplicas": bounds[0],
+                "maxReplicas": bounds[1],
+                # llama.cpp's threads keep their CPUs busy while sequences decode: CPU use is
+                # load, and requests equal limits, so 70 % of the request is 70 % of the quota
+                "metrics": [
+                    {
+                        "type": "Resource",
+                        "resource": {
+                            "name": "cpu",
+                            "target": {"type": "Utilization", "averageUtilization": 70},
+                        },
+                    }
+                ],
+                "behavior": behavior,
+            },
+        }
+        files["allinone-hpa.yaml"] = (
+            header
+            + "# Autoscaler, choice 1 of 2: CPU use. Apply this OR allinone-keda.yaml, not both\n"
+            + "# (KEDA makes its own HorizontalPodAutoscaler for the same Deployment).\n"
+            + yaml.safe_dump(hpa, sort_keys=False)
+        )
+    metric = QUEUE_METRIC[plan["engine"]]
+    # AverageValue: KEDA divides the sum over pods by this, so each pod is asked to hold about one
+    # batch of waiting requests (its engine's sequences) before another pod is added.
+    scaled = {
+        "apiVersion": "keda.sh/v1alpha1",
+        "kind": "ScaledObject",
+        "metadata": {"name": "allinone", "labels": labels},
+        "spec": {
+            "scaleTargetRef": target,
+            "pollingInterval": 15,
+            "cooldownPeriod": 300,
+            "minReplicaCount": bounds[0],
+            "maxReplicaCount": bounds[1],
+            "advanced": {"horizontalPodAutoscalerConfig": {"behavior": behavior}},
+            "triggers": [
+                {
+                    "type": "prometheus",
+                    "metricType": "AverageValue",
+                    "metadata": {
+                        "serverAddress": opts.prometheus_url,
+                        "query": f'sum({metric}{{app_kubernetes_io_name="allinone"}})',
+                        "threshold": str(plan["concurrency"]),
+                        "activationThreshold": "0",
+                    },
+                }
+            ],
+        },
+    }
+    files["allinone-keda.yaml"] = (
+        header
+        + "# Autoscaler, choice 2 of 2: requests waiting for an engine sequence (KEDA, Prometheus\n"
+        + f"# scaler, metric {metric}). Apply this OR allinone-hpa.yaml, not both.\n"
+        + yaml.safe_dump(scaled, sort_keys=False)
     )
-    return {"allinone.k8s.yaml": text}
+    return files
 
 
 def _hf_model(plan: dict) -> str:
