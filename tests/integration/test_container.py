@@ -244,6 +244,8 @@ def test_podman_kube_play_runs_the_rendered_deployment_and_it_serves(
     path = tmp_path / "deployment.yaml"
     path.write_text(yaml.safe_dump(deployment, sort_keys=False))
     cache = tiny_model_path.parent.parent  # mounted read-only at /models, as the claim would be
+    # podman builds its pod infra ("pause") image the first time; removed again if this made it
+    pause = _podman("images", "-q", "--filter", "reference=localhost/podman-pause").stdout.strip()
     _podman(
         "volume",
         "create",
@@ -275,4 +277,9 @@ def test_podman_kube_play_runs_the_rendered_deployment_and_it_serves(
     finally:
         _podman("kube", "down", str(path), check=False)
         _podman("volume", "rm", "-f", claim, check=False)
+        if not pause:
+            for made in _podman(
+                "images", "-q", "--filter", "reference=localhost/podman-pause"
+            ).stdout.split():
+                _podman("rmi", made, check=False)
     assert _podman("pod", "exists", f"{name}-pod-0", check=False).returncode != 0
