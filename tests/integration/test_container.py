@@ -87,6 +87,8 @@ class Container:
                 r = httpx.get(f"{self.url}/ready", timeout=5)
                 if r.status_code == 200:
                     return r.json()
+                if r.status_code == 503 and "memory_pressure" in r.text:
+                    pytest.fail(f"{self.name} is over its memory soft limit before any work")
             except httpx.HTTPError:
                 pass
             time.sleep(0.5)
