@@ -22,6 +22,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -77,7 +78,10 @@ def podman_env() -> dict[str, str]:
 
 
 def podman(*args: str, check: bool = True, **kw) -> subprocess.CompletedProcess:
-    """Run ``podman ARGS`` with :func:`podman_env`, capturing text output."""
+    """Run ``podman ARGS`` with :func:`podman_env`, capturing text output. It runs in the
+    temporary folder: conmon 2.1 on cgroup v1 leaves a file named ``oom`` in its working folder
+    when a container is OOM-killed."""
+    kw.setdefault("cwd", tempfile.gettempdir())
     res = subprocess.run(["podman", *args], env=podman_env(), capture_output=True, text=True, **kw)
     if check and res.returncode != 0:
         raise ImageError(f"podman {' '.join(args[:3])} failed: {res.stderr.strip()[-2000:]}")
