@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
+
+from allinone.cgroups import read, tightest_limit
 
 
 @dataclass(frozen=True)
@@ -36,76 +37,33 @@ def affinity_cpus() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def _ancestors(path: str) -> list[str]:
-    """``/a/b`` -> ``["/a/b", "/a", "/"]``."""
-    p = PurePosixPath(path if path.startswith("/") else "/" + path)
-    return [str(p), *(str(q) for q in p.parents)]
-
-
-def _read(path: Path) -> str | None:
+def _quota(quota: str | None, period: str | None, name: str) -> tuple[float, str] | None:
     try:
-        return path.read_text().strip()
-    except OSError:
+        q, p = int(quota or 0), int(period or 0)
+    except ValueError:
         return None
+    return (q / p, f"{name} {q}/{p} us") if q > 0 and p > 0 else None
 
 
-def _v2_pair(folder: Path) -> tuple[str, str] | None:
+def _v2_quota(folder: Path) -> tuple[float, str] | None:
     """cgroup v2's ``cpu.max``: ``"$MAX $PERIOD"``, ``max`` meaning no limit."""
-    parts = (_read(folder / "cpu.max") or "").split()
-    return (parts[0], parts[1]) if len(parts) == 2 and parts[0] != "max" else None
+    parts = (read(folder / "cpu.max") or "").split()
+    return _quota(parts[0], parts[1], "cgroup v2 cpu.max") if len(parts) == 2 else None
 
 
-def _v1_pair(folder: Path) -> tuple[str, str] | None:
+def _v1_quota(folder: Path) -> tuple[float, str] | None:
     """cgroup v1's ``cpu.cfs_quota_us`` and ``cpu.cfs_period_us`` (quota -1: no limit)."""
-    quota, period = _read(folder / "cpu.cfs_quota_us"), _read(folder / "cpu.cfs_period_us")
-    return (quota, period) if quota is not None and period is not None else None
-
-
-def _tightest(
-    mount: Path, cgroup: str, read: Callable[[Path], tuple[str, str] | None], name: str
-) -> tuple[float, str] | None:
-    """The smallest quota / period over ``cgroup`` and its ancestors under ``mount``."""
-    best: tuple[float, str] | None = None
-    for rel in _ancestors(cgroup):
-        pair = read(mount / rel.lstrip("/"))
-        try:
-            quota, period = (int(v) for v in pair) if pair else (0, 0)
-        except ValueError:
-            continue
-        if quota > 0 and period > 0 and (best is None or quota / period < best[0]):
-            best = (quota / period, f"{name} {quota}/{period} us")
-    return best
+    quota, period = read(folder / "cpu.cfs_quota_us"), read(folder / "cpu.cfs_period_us")
+    return _quota(quota, period, "cgroup v1 quota")
 
 
 def cgroup_quota(proc_cgroup: Path, cgroup_root: Path) -> tuple[float, str] | None:
     """The tightest CPU quota on this process's cgroup or its ancestors, in CPUs, with a
-    description; None when there is none (or no cgroup file system).
-
-    ``proc_cgroup``: ``/proc/self/cgroup``; ``cgroup_root``: where cgroups are mounted
-    (``/sys/fs/cgroup``). Under cgroup v1 without a cgroup namespace, a container sees the host's
-    path in ``/proc/self/cgroup`` while its own cgroup is mounted at the root, so the root's
-    files are read too."""
-    text = _read(proc_cgroup)
-    if text is None:
-        return None
-    found: list[tuple[float, str]] = []
-    for line in text.splitlines():
-        hier, _, rest = line.partition(":")
-        controllers, _, path = rest.partition(":")
-        if hier == "0" and controllers == "":
-            q = _tightest(cgroup_root, path, _v2_pair, "cgroup v2 cpu.max")
-        elif "cpu" in controllers.split(","):
-            q = None
-            for name in ("cpu,cpuacct", "cpu", "cpuacct,cpu"):
-                mount = cgroup_root / name
-                if mount.is_dir():
-                    q = _tightest(mount, path, _v1_pair, "cgroup v1 quota")
-                    break
-        else:
-            continue
-        if q is not None:
-            found.append(q)
-    return min(found) if found else None
+    description; None when there is none (or no cgroup file system). ``proc_cgroup``:
+    ``/proc/self/cgroup``; ``cgroup_root``: where cgroups are mounted (``/sys/fs/cgroup``);
+    see ``allinone.cgroups``."""
+    mounts = ("cpu,cpuacct", "cpu", "cpuacct,cpu")
+    return tightest_limit(proc_cgroup, cgroup_root, _v2_quota, "cpu", mounts, _v1_quota)
 
 
 def cpu_budget(

@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from allinone.cpu_budget import _ancestors, _read
+from allinone.cgroups import read, tightest_limit
 
 MiB = 1024 * 1024
 SOFT_SHARE = 0.80
@@ -67,45 +67,28 @@ def _limit(text: str | None) -> int | None:
     return value if 0 < value < _UNLIMITED else None
 
 
-def _tightest(mount: Path, cgroup: str, file: str, name: str) -> tuple[int, str] | None:
-    best: tuple[int, str] | None = None
-    for rel in _ancestors(cgroup):
-        value = _limit(_read(mount / rel.lstrip("/") / file))
-        if value is not None and (best is None or value < best[0]):
-            best = (value, f"{name} {value} bytes ({value / MiB:.0f} MiB)")
-    return best
+def _described(value: int | None, name: str) -> tuple[int, str] | None:
+    return None if value is None else (value, f"{name} {value} bytes ({value / MiB:.0f} MiB)")
 
 
 def cgroup_memory_limit(proc_cgroup: Path, cgroup_root: Path) -> tuple[int, str] | None:
     """The tightest memory limit on this process's cgroup or its ancestors, in bytes, with a
-    description; None when there is none (or no cgroup file system).
+    description; None when there is none (or no cgroup file system); see
+    ``allinone.cgroups``."""
 
-    As for the CPU quota (``cpu_budget.cgroup_quota``): under cgroup v1 without a cgroup
-    namespace a container sees the host's path in ``/proc/self/cgroup`` while its own cgroup is
-    mounted at the root, and the root's file is read too."""
-    text = _read(proc_cgroup)
-    if text is None:
-        return None
-    found: list[tuple[int, str]] = []
-    for line in text.splitlines():
-        hier, _, rest = line.partition(":")
-        controllers, _, path = rest.partition(":")
-        if hier == "0" and controllers == "":
-            q = _tightest(cgroup_root, path, "memory.max", "cgroup v2 memory.max")
-        elif "memory" in controllers.split(","):
-            q = _tightest(
-                cgroup_root / "memory", path, "memory.limit_in_bytes", "cgroup v1 memory.limit"
-            )
-        else:
-            continue
-        if q is not None:
-            found.append(q)
-    return min(found) if found else None
+    def v2(folder: Path) -> tuple[int, str] | None:
+        return _described(_limit(read(folder / "memory.max")), "cgroup v2 memory.max")
+
+    def v1(folder: Path) -> tuple[int, str] | None:
+        limit = _limit(read(folder / "memory.limit_in_bytes"))
+        return _described(limit, "cgroup v1 memory.limit")
+
+    return tightest_limit(proc_cgroup, cgroup_root, v2, "memory", ("memory",), v1)
 
 
 def total_memory(meminfo: Path = Path("/proc/meminfo")) -> int | None:
     """MemTotal in bytes (None where unreadable)."""
-    for line in (_read(meminfo) or "").splitlines():
+    for line in (read(meminfo) or "").splitlines():
         key, _, rest = line.partition(":")
         if key == "MemTotal":
             return int(rest.split()[0]) * 1024

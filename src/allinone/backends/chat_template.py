@@ -9,6 +9,18 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from allinone.backends.base import BackendError, Prompt, Segment
 
+
+def hf_token_ids(tokenizer: Any, segments: tuple[Segment, ...]) -> list[int]:
+    """Token ids of prompt segments with a Hugging Face tokenizer: markup segments may be
+    control tokens, user content never becomes one (no injected ``<|im_end|>``)."""
+    out: list[int] = []
+    for seg in segments:
+        out += tokenizer(seg.text, add_special_tokens=False, split_special_tokens=not seg.special)[
+            "input_ids"
+        ]
+    return out
+
+
 # Used when a model carries no chat template: ChatML, which Qwen and many small models use.
 CHATML_TEMPLATE = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + "

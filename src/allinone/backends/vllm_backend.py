@@ -36,7 +36,7 @@ from allinone.backends.base import (
     Segment,
     Usage,
 )
-from allinone.backends.chat_template import ChatTemplate
+from allinone.backends.chat_template import ChatTemplate, hf_token_ids
 from allinone.serving.errors import InputError
 from allinone.settings import EngineSettings
 
@@ -208,13 +208,7 @@ class VLLMBackend(Backend):
 
     # -- tokens ------------------------------------------------------------------------------
     def _token_ids(self, segments: tuple[Segment, ...]) -> list[int]:
-        out: list[int] = []
-        for seg in segments:
-            # user content never becomes control tokens (no injected <|im_end|>)
-            out += self.tok(
-                seg.text, add_special_tokens=False, split_special_tokens=not seg.special
-            )["input_ids"]
-        return out
+        return hf_token_ids(self.tok, segments)
 
     def count_tokens(self, text: str) -> int:
         return len(self._token_ids((Segment(text),)))
