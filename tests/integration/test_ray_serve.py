@@ -4,11 +4,14 @@ raylet) with this server's Serve application, two engine replicas of the tiny mo
 The whole Ray part runs in a child process (tests/integration/ray_scenario.py) inside a network
 namespace this module creates with only loopback in it, so every Ray address is 127.0.0.1 of
 that namespace and no traffic reaches the machine's network. Afterwards no process is left in
-the namespace, and the namespace is deleted. ``make test-ray`` installs Ray and runs these.
+the namespace, and the namespace is deleted. The last test does the same with the default model
+(tests/integration/ray_default_scenario.py: one replica, what a user of the openai SDK sees).
+``make test-ray`` installs Ray and runs these.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -25,6 +28,7 @@ pytest.importorskip("ray", reason="ray[serve] is not installed: `make test-ray` 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 SCENARIO = Path(__file__).with_name("ray_scenario.py")
+DEFAULT_SCENARIO = Path(__file__).with_name("ray_default_scenario.py")
 
 
 def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -36,35 +40,32 @@ def _netns_pids(ns: str) -> list[int]:
     return [int(p) for p in out.split()]
 
 
-@pytest.fixture(scope="module")
-def scenario(tiny_model_path, tmp_path_factory) -> dict:
-    """Run the scenario once in a fresh loopback-only namespace; clean up; return what it saw
-    and what was left behind."""
+def _run_in_namespace(script: Path, args: dict, work: Path, timeout: float) -> dict:
+    """Run ``script`` (a scenario: writes its result to ``args["out"]``) in a fresh
+    loopback-only namespace; clean up; return what it saw and what was left behind."""
     if shutil.which("ip") is None or os.geteuid() != 0:
         pytest.skip("needs root and iproute2's `ip` to create a network namespace")
     ns = f"aio-ray-{os.getpid()}"
-    work = tmp_path_factory.mktemp("ray")
     out, log = work / "result.json", work / "scenario.log"
     _ip("netns", "add", ns)
     try:
         _ip("-n", ns, "link", "set", "lo", "up")
         links = _ip("-n", ns, "-o", "link", "show").stdout.split("\n")
         env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
-        args = json.dumps({"model": str(tiny_model_path), "out": str(out)})
         with log.open("w") as f:
             proc = subprocess.run(
-                ["ip", "netns", "exec", ns, sys.executable, str(SCENARIO), args],
+                ["ip", "netns", "exec", ns, sys.executable, str(script), json.dumps(args)],
                 stdout=f,
                 stderr=subprocess.STDOUT,
                 env=env,
-                timeout=840,
+                timeout=timeout,
             )
         left = _netns_pids(ns)
     finally:
         # Every process in this namespace was started by this test (the scenario and Ray's
         # processes under it): end whatever is still there, by its id.
         for pid in _netns_pids(ns):
-            with __import__("contextlib").suppress(ProcessLookupError):
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         _ip("netns", "del", ns, check=False)
     result = json.loads(out.read_text()) if out.exists() else {"error": "no result file"}
@@ -74,6 +75,15 @@ def scenario(tiny_model_path, tmp_path_factory) -> dict:
     result["netns_left"] = ns in _ip("netns", "list").stdout.split()
     result["log"] = str(log)
     return result
+
+
+@pytest.fixture(scope="module")
+def scenario(tiny_model_path, tmp_path_factory) -> dict:
+    """Run the scenario once in a fresh loopback-only namespace; clean up; return what it saw
+    and what was left behind."""
+    work = tmp_path_factory.mktemp("ray")
+    args = {"model": str(tiny_model_path), "out": str(work / "result.json")}
+    return _run_in_namespace(SCENARIO, args, work, timeout=840)
 
 
 def _ok(scenario: dict) -> None:
@@ -150,3 +160,30 @@ def test_nothing_is_left_behind(scenario):
     assert scenario["left_pids"] == [], "processes left in the test's namespace"
     assert not scenario["netns_left"]
     assert "shutdown_errors" not in scenario, scenario.get("shutdown_errors")
+
+
+def test_the_default_model_behaves_through_the_ray_front(default_model_path, tmp_path_factory):
+    """The default model as one engine replica on one worker node: what a user of the openai SDK
+    sees through the Ray front (sentiment labels, a chat answer, a stream), every response
+    naming its replica; then nothing left behind. Runs on its own cluster, after the tiny
+    model's scenario is over."""
+    work = tmp_path_factory.mktemp("ray-default")
+    args = {"model": str(default_model_path), "out": str(work / "result.json")}
+    res = _run_in_namespace(DEFAULT_SCENARIO, args, work, timeout=600)
+    assert len(res["links"]) == 1 and ": lo:" in res["links"][0], res["links"]
+    _ok(res)
+    assert {"chat", "sentiment", "sentiment-en"} <= set(res["models"]), res["models"]
+    for c in res["classify"]:
+        assert c["status"] == 200 and c["label"] == c["expected"], c
+    chat = res["chat"]
+    assert "1" in chat["text"] and "3" in chat["text"], chat
+    assert chat["finish_reason"] in ("stop", "length") and chat["completion_tokens"] > 0, chat
+    stream = res["stream"]
+    assert stream["chunks"] > 1 and "1" in stream["text"] and "3" in stream["text"], stream
+    assert stream["finish_reason"] in ("stop", "length"), stream
+    replicas = [c["replica"] for c in res["classify"]] + [chat["replica"], stream["replica"]]
+    assert all(replicas) and len(set(replicas)) == 1, replicas  # one replica, named each time
+    assert res["returncode"] == 0, res["log"]
+    assert res["left_pids"] == [], "processes left in the test's namespace"
+    assert not res["netns_left"]
+    assert "shutdown_errors" not in res, res.get("shutdown_errors")
