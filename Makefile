@@ -180,5 +180,5 @@ $(VENV)/.stamp-ray: $(VENV)/.stamp-dev requirements-ray.txt
 ray: $(VENV)/.stamp-ray
 
 test-ray: $(VENV)/.stamp-ray
-	$(PY) -m allinone models fetch tiny >/dev/null
+	$(PY) -m allinone models fetch tiny default >/dev/null
 	$(PY) -m pytest -m ray -rs tests/integration/test_ray_serve.py $(PYTEST_ARGS)
