@@ -16,6 +16,7 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 from starlette.types import Scope
 
@@ -119,6 +120,8 @@ def dialect_router(dialect: ErrorDialect = OPENAI, **kwargs: Any) -> APIRouter:
                     return await handler(request)
                 except RequestValidationError as exc:
                     return dialect.validation(exc)
+                except StarletteHTTPException:
+                    raise  # a body FastAPI cannot parse: the app's handler, in this dialect
                 except Exception as exc:
                     return error_response(exc, request, dialect)
 

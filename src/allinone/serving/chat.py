@@ -55,9 +55,12 @@ class ChatOutcome:
 
 @dataclass(frozen=True)
 class ChoiceStarted:
-    """A choice's first event (OpenAI's stream opens each choice with its role)."""
+    """A choice's first event (OpenAI's stream opens each choice with its role). ``text``: the
+    text it starts with, when the whole answer is known at once (a classify task's label, an
+    extract task's JSON: OpenAI's stream sends it in the role's chunk); read it as content."""
 
     index: int
+    text: str = ""
 
 
 @dataclass(frozen=True)
@@ -216,8 +219,7 @@ class ChatServing:
     async def _label_events(self, prep: _Prepared, scope: RequestScope) -> AsyncIterator[ChatEvent]:
         async with scope:
             outcome = await self._label_answer(prep, scope)
-        yield ChoiceStarted(0)
-        yield ContentDelta(0, outcome.choices[0].content or "")
+        yield ChoiceStarted(0, outcome.choices[0].content or "")
         yield ChoiceFinished(0, "stop", outcome.usage)
 
     async def _events(

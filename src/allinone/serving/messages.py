@@ -62,6 +62,7 @@ from allinone.serving.chat import (
     ChatChoice,
     ChatServing,
     ChoiceFinished,
+    ChoiceStarted,
     ContentDelta,
     ToolCallEvent,
 )
@@ -606,7 +607,8 @@ async def _frames(events: EventStream, out: MessageStream) -> AsyncIterator[str]
     try:
         yield out.start()
         async for ev in events:
-            if isinstance(ev, ContentDelta):
+            if isinstance(ev, ContentDelta) or (isinstance(ev, ChoiceStarted) and ev.text):
+                # (ChoiceStarted carries text only for a label task's whole answer)
                 for frame in out.text(ev.text):
                     yield frame
             elif isinstance(ev, ToolCallEvent):

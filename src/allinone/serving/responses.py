@@ -617,6 +617,8 @@ class ResponsesServing:
                         made = builder.tool_call(ev.call)
                     elif isinstance(ev, ChoiceFinished):
                         made = builder.finish(ev.reason, ev.usage)
+                    elif ev.text:  # ChoiceStarted with a whole answer (a label task)
+                        made = builder.text(ev.text, [])
                     else:  # ChoiceStarted: the response was opened already
                         continue
                     for out in made:

@@ -90,7 +90,7 @@ async def _chunks(events: EventStream, model: str, include_usage: bool) -> Async
     try:
         async for ev in events:
             if isinstance(ev, ChoiceStarted):
-                yield out.delta("", role=True, index=ev.index)
+                yield out.delta(ev.text, role=True, index=ev.index)
             elif isinstance(ev, ContentDelta):
                 lp = ChoiceLogprobs.of(ev.logprobs) if ev.logprobs else None
                 yield out.delta(ev.text, logprobs=lp, index=ev.index)
