@@ -14,21 +14,18 @@ from __future__ import annotations
 import json
 import sys
 import time
-import traceback
 from pathlib import Path
 
 import httpx
 import openai
-import ray
-from ray import serve
-from ray.cluster_utils import Cluster
+
+# (run as a script from this folder: its sibling is importable)
+from ray_scenario import SERVE_OPTIONS, URL, cluster_run, log  # type: ignore[import-not-found]
 
 from allinone.planner.plan import PlanRequest, make_plan
 from allinone.scaleout.ray_config import REPLICA_HEADER, RayServeOptions
 from allinone.scaleout.ray_serve import deploy
 
-PORT = 8000
-URL = f"http://127.0.0.1:{PORT}"
 # Texts tests/integration/test_classify.py checks on the default model outside Ray.
 REVIEWS = [
     ("sentiment", "这家酒店服务很好，环境也不错", "正面"),
@@ -37,10 +34,6 @@ REVIEWS = [
     ("sentiment-en", "The food was cold and the waiter was rude.", "negative"),
 ]
 COUNT = [{"role": "user", "content": "Count from 1 to 5."}]
-
-
-def log(*a) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}]", *a, flush=True)
 
 
 def phase_requests(oc: openai.OpenAI, res: dict) -> None:
@@ -91,35 +84,15 @@ def phase_requests(oc: openai.OpenAI, res: dict) -> None:
 
 def main() -> int:
     args = json.loads(sys.argv[1])
-    out = Path(args["out"])
     res: dict = {"timings": {}}
-    t0 = time.monotonic()
-    cluster = Cluster(
-        initialize_head=True,
-        head_node_args={
-            "num_cpus": 0,
-            "include_dashboard": False,
-            "object_store_memory": 80 << 20,
-            "resources": {"allinone_front": 1},
-        },
-    )
-    try:
-        plan = make_plan(PlanRequest(model=args["model"], context=1024, concurrency=1, threads=2))
-        cluster.add_node(num_cpus=int(plan["host"]["cpus"]), object_store_memory=80 << 20)
-        cluster.wait_for_nodes()
-        ray.init(address=cluster.address, log_to_driver=False)
-        res["timings"]["cluster_up_s"] = time.monotonic() - t0
-        log("cluster up")
+    plan = make_plan(PlanRequest(model=args["model"], context=1024, concurrency=1, threads=2))
+    with cluster_run(Path(args["out"]), res, [int(plan["host"]["cpus"])]):
         options = RayServeOptions.from_plan(
             plan,
             min_replicas=1,
             max_replicas=1,
-            host="127.0.0.1",
-            port=PORT,
-            proxy_location="HeadOnly",  # one network namespace: one proxy on the port
-            front_resources={"allinone_front": 0.01},
-            graceful_shutdown_timeout_s=5.0,
             env_extra={"ALLINONE_GRAMMAR_PREWARM": "false"},
+            **SERVE_OPTIONS,
         )
         t1 = time.monotonic()
         deploy(options)
@@ -129,19 +102,6 @@ def main() -> int:
         with openai.OpenAI(base_url=f"{URL}/v1", api_key="x", max_retries=0, timeout=300) as oc:
             phase_requests(oc, res)
         res["timings"]["requests_s"] = time.monotonic() - t2
-    except Exception:
-        res["error"] = traceback.format_exc()
-        log(res["error"])
-    finally:
-        t3 = time.monotonic()
-        for step in (serve.shutdown, ray.shutdown, cluster.shutdown):
-            try:
-                step()
-            except Exception:
-                res.setdefault("shutdown_errors", []).append(traceback.format_exc())
-        res["timings"]["shutdown_s"] = time.monotonic() - t3
-        res["timings"]["total_s"] = time.monotonic() - t0
-        out.write_text(json.dumps(res, indent=1, ensure_ascii=False, default=str))
     return 0
 
 

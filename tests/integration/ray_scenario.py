@@ -15,6 +15,8 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -41,8 +43,57 @@ FAILOVER_MAX_REQUESTS = 400
 FAILOVER_WAIT_S = 180
 
 
+# What both scenarios' deployments share: one network namespace, so one proxy on the port.
+SERVE_OPTIONS = {
+    "host": "127.0.0.1",
+    "port": PORT,
+    "proxy_location": "HeadOnly",
+    "front_resources": {"allinone_front": 0.01},
+    "graceful_shutdown_timeout_s": 5.0,
+}
+
+
 def log(*a) -> None:
     print(f"[{time.strftime('%H:%M:%S')}]", *a, flush=True)
+
+
+@contextmanager
+def cluster_run(out: Path, res: dict, worker_cpus: list[int]) -> Iterator[tuple[Cluster, list]]:
+    """A head (0 CPUs, the front's resource) and one worker node per entry of ``worker_cpus``,
+    connected; on the way out, a traceback of any failure in ``res["error"]``, Serve, Ray and
+    the cluster shut down (their errors in ``res["shutdown_errors"]``), timings, and ``res``
+    written to ``out`` as JSON for the test."""
+    t0 = time.monotonic()
+    res.setdefault("timings", {})
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={
+            "num_cpus": 0,
+            "include_dashboard": False,
+            "object_store_memory": 80 << 20,
+            "resources": {"allinone_front": 1},
+        },
+    )
+    try:
+        workers = [cluster.add_node(num_cpus=c, object_store_memory=80 << 20) for c in worker_cpus]
+        cluster.wait_for_nodes()
+        ray.init(address=cluster.address, log_to_driver=False)
+        res["timings"]["cluster_up_s"] = time.monotonic() - t0
+        log("cluster up")
+        yield cluster, workers
+    except Exception:
+        res["error"] = traceback.format_exc()
+        log(res["error"])
+    finally:
+        t_down = time.monotonic()
+        for step in (serve.shutdown, ray.shutdown, cluster.shutdown):
+            try:
+                step()
+            except Exception:
+                res.setdefault("shutdown_errors", []).append(traceback.format_exc())
+        res["timings"]["shutdown_s"] = time.monotonic() - t_down
+        res["timings"]["total_s"] = time.monotonic() - t0
+        out.write_text(json.dumps(res, indent=1, ensure_ascii=False, default=str))
 
 
 def metrics(client: httpx.Client) -> dict[tuple[str, str], float]:
@@ -224,41 +275,21 @@ def phase_failover(client: httpx.Client, res: dict, cluster: Cluster, workers: l
 
 def main() -> int:
     args = json.loads(sys.argv[1])
-    out = Path(args["out"])
     res: dict = {"timings": {}}
-    t0 = time.monotonic()
-    cluster = Cluster(
-        initialize_head=True,
-        head_node_args={
-            "num_cpus": 0,
-            "include_dashboard": False,
-            "object_store_memory": 80 << 20,
-            "resources": {"allinone_front": 1},
-        },
-    )
-    try:
-        workers = [cluster.add_node(num_cpus=1, object_store_memory=80 << 20) for _ in range(3)]
-        cluster.wait_for_nodes()
-        ray.init(address=cluster.address, log_to_driver=False)
-        res["timings"]["cluster_up_s"] = time.monotonic() - t0
-        log("cluster up")
+    with cluster_run(Path(args["out"]), res, [1, 1, 1]) as (cluster, workers):
         plan = make_plan(PlanRequest(model=args["model"], context=512, concurrency=2, threads=1))
         options = RayServeOptions.from_plan(
             plan,
             min_replicas=2,
             max_replicas=2,
-            host="127.0.0.1",
-            port=PORT,
-            proxy_location="HeadOnly",  # one network namespace: one proxy on the port
-            front_resources={"allinone_front": 0.01},
             health_check_period_s=1.0,
             health_check_timeout_s=10.0,
-            graceful_shutdown_timeout_s=5.0,
             env_extra={
                 "ALLINONE_MODEL_ID": "m",
                 "ALLINONE_GRAMMAR_PREWARM": "false",
                 "ALLINONE_MEMORY_SAMPLE_S": "1",
             },
+            **SERVE_OPTIONS,
         )
         res["options"] = {
             "num_cpus": options.num_cpus,
@@ -279,19 +310,6 @@ def main() -> int:
             if "failover" in args.get("phases", ["failover"]):
                 phase_failover(client, res, cluster, workers)
                 log("failover done")
-    except Exception:
-        res["error"] = traceback.format_exc()
-        log(res["error"])
-    finally:
-        t2 = time.monotonic()
-        for step in (serve.shutdown, ray.shutdown, cluster.shutdown):
-            try:
-                step()
-            except Exception:
-                res.setdefault("shutdown_errors", []).append(traceback.format_exc())
-        res["timings"]["shutdown_s"] = time.monotonic() - t2
-        res["timings"]["total_s"] = time.monotonic() - t0
-        out.write_text(json.dumps(res, indent=1, default=str))
     return 0
 
 
